@@ -1,0 +1,46 @@
+# convserve: every set-up step lives here, so a fresh machine with only python3 needs two commands:
+#   make serve   create .venv, install convserve[server,...], serve the bundled model repository
+#   make test    create .venv, install convserve[dev] and the system packages the tests use, run every test
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Re-install when the dependency list changes.
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: serve test venv system-deps protos lint bench train stack clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+venv: $(STAMP)
+
+serve: venv
+	$(BIN)/convserve serve
+
+system-deps:
+	bash scripts/install_system_deps.sh
+
+test: venv system-deps
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+protos: venv
+	$(BIN)/python scripts/gen_protos.py
+
+lint: venv
+	$(BIN)/ruff check .
+
+# Reproduce the bundled digits model (trained on scikit-learn's digits, exported to model_repository/).
+train: venv
+	$(BIN)/convserve train --arch lenet --data digits --seed 0 --out runs/digits_lenet
+	$(BIN)/convserve export --checkpoint runs/digits_lenet/checkpoint.pt --name digits_lenet --version 1 --repository model_repository --force
+
+bench: venv
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis runs bench_results

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Debian packages the tests drive for real: Prometheus (metrics checks) and nginx (gRPC load balancer).
+# Idempotent: installs only what is missing. Needs root (or sudo).
+set -euo pipefail
+need=()
+command -v prometheus >/dev/null 2>&1 || [ -x /usr/bin/prometheus ] || need+=(prometheus)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
+[ ${#need[@]} -eq 0 ] && exit 0
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "install_system_deps: apt-get not found; install ${need[*]} with your package manager" >&2
+  exit 0
+fi
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -q
+# --no-install-recommends keeps it small; policy-rc.d stops the packages from starting daemons.
+printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
+$sudo chmod +x /usr/sbin/policy-rc.d
+$sudo apt-get install -y -q --no-install-recommends "${need[@]}"
+$sudo rm -f /usr/sbin/policy-rc.d

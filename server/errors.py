@@ -1,0 +1,84 @@
+"""Domain errors raised where a problem is found, and the one table mapping them to gRPC status codes.
+
+    ConvserveServerError
+    ├── InvalidInputError          INVALID_ARGUMENT  bad image, tensor, top_k, empty batch
+    ├── ModelNotFoundError         NOT_FOUND         unknown model or version
+    ├── ModelNotReadyError         UNAVAILABLE       model loading, failed or unloading
+    ├── DrainingError              UNAVAILABLE       server shutting down
+    ├── QueueFullError             RESOURCE_EXHAUSTED batcher queue bound reached
+    ├── TooManyImagesError         RESOURCE_EXHAUSTED image count over the limit
+    ├── DeadlineExpiredError       DEADLINE_EXCEEDED deadline passed while queued; never run
+    ├── UnauthenticatedError       UNAUTHENTICATED   missing or wrong token
+    └── PermissionDeniedError      PERMISSION_DENIED model control disabled
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ConvserveServerError(Exception):
+    """Base of every error the server reports to a client with a specific status."""
+
+    reason = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInputError(ConvserveServerError):
+    reason = "invalid_input"
+
+
+class ModelNotFoundError(ConvserveServerError):
+    reason = "model_not_found"
+
+
+class ModelNotReadyError(ConvserveServerError):
+    reason = "model_not_ready"
+
+
+class DrainingError(ConvserveServerError):
+    reason = "draining"
+
+
+class QueueFullError(ConvserveServerError):
+    reason = "queue_full"
+
+
+class TooManyImagesError(ConvserveServerError):
+    reason = "too_many_images"
+
+
+class DeadlineExpiredError(ConvserveServerError):
+    reason = "deadline_exceeded"
+
+
+class UnauthenticatedError(ConvserveServerError):
+    reason = "unauthenticated"
+
+
+class PermissionDeniedError(ConvserveServerError):
+    reason = "permission_denied"
+
+
+STATUS_BY_ERROR: dict[type[ConvserveServerError], grpc.StatusCode] = {
+    InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
+    ModelNotReadyError: grpc.StatusCode.UNAVAILABLE,
+    DrainingError: grpc.StatusCode.UNAVAILABLE,
+    QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    TooManyImagesError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExpiredError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
+def status_for(error: BaseException) -> grpc.StatusCode:
+    """The gRPC status for an exception; anything unknown is INTERNAL."""
+    for kind in type(error).__mro__:
+        if kind in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[kind]
+    return grpc.StatusCode.INTERNAL
