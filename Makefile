@@ -42,5 +42,9 @@ train: venv
 bench: venv
 	$(BIN)/python -m benchmarks.run
 
+# The compose stack as local processes (2 replicas + nginx + Prometheus on 127.0.0.1), for machines without Docker.
+stack: venv system-deps
+	$(BIN)/python scripts/run_stack.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis runs bench_results

@@ -1,0 +1,245 @@
+"""Kubernetes manifests validated offline by kubernetes-validate (strict: unknown fields fail), and the
+KServe runtime checked structurally; both checked to agree with the image and the server's settings.
+No live cluster is involved."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "kubernetes"
+KSERVE = ROOT / "deploy" / "kserve"
+K8S_VERSION = "1.30"  # gRPC probes are GA since 1.27, the preStop `sleep` action since 1.30
+
+
+def _documents(folder: Path) -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(folder.glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def _one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    (doc,) = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    return doc
+
+
+@pytest.fixture(scope="module")
+def k8s() -> list[dict[str, Any]]:
+    return _documents(K8S)
+
+
+@pytest.fixture(scope="module")
+def deployment(k8s: list[dict[str, Any]]) -> dict[str, Any]:
+    return _one(k8s, "Deployment")
+
+
+@pytest.fixture(scope="module")
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+@pytest.fixture(scope="module")
+def settings(container: dict[str, Any], settings_from_env: Any) -> Any:
+    return settings_from_env({e["name"]: e["value"] for e in container["env"]})
+
+
+def _validate(doc: dict[str, Any]) -> None:
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_every_manifest_validates_against_the_kubernetes_schema(k8s: list[dict[str, Any]]) -> None:
+    kinds = sorted(d["kind"] for d in k8s)
+    assert kinds == ["Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service", "Service"]
+    for doc in k8s:
+        _validate(doc)
+
+
+def test_the_validator_rejects_unknown_fields_and_wrong_types(deployment: dict[str, Any]) -> None:
+    misspelt = copy.deepcopy(deployment)
+    misspelt["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"grpc": {"port": 8001}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        _validate(misspelt)
+    wrong = copy.deepcopy(deployment)
+    wrong["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        _validate(wrong)
+
+
+def test_container_matches_the_image_and_the_server_settings(
+    container: dict[str, Any], settings: Any, dockerfile: Any, compose: dict[str, Any]
+) -> None:
+    assert container["image"] == compose["services"]["convserve"]["image"]
+    assert "command" not in container and "args" not in container  # the image's `convserve serve`
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": settings.grpc_port, "metrics": settings.metrics_port}
+    (expose,) = dockerfile.stages["cpu"].args_of("EXPOSE")
+    assert set(ports.values()) == {int(p) for p in expose.split()}
+    assert settings.host == "0.0.0.0"
+    image_env = {k: v for k, v in dockerfile.stages["cpu"].env().items() if k.startswith("CONVSERVE_")}
+    assert settings.model_repository == image_env["CONVSERVE_MODEL_REPOSITORY"]
+
+
+def test_probes_use_the_standard_grpc_health_service(container: dict[str, Any], settings: Any) -> None:
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        spec = container[probe]
+        assert spec["grpc"]["port"] == settings.grpc_port
+        assert spec["grpc"].get("service", "") == ""  # the overall server status
+    liveness = container["livenessProbe"]
+    # A draining pod answers NOT_SERVING; liveness must not kill it before the drain ends.
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] > settings.drain_grace_seconds
+
+
+def test_shutdown_gives_the_server_its_whole_drain(
+    deployment: dict[str, Any], container: dict[str, Any], settings: Any
+) -> None:
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > pre_stop + settings.drain_grace_seconds
+
+
+def test_runs_non_root_on_a_read_only_root_filesystem(
+    deployment: dict[str, Any], container: dict[str, Any], dockerfile: Any
+) -> None:
+    pod = deployment["spec"]["template"]["spec"]
+    (user,) = dockerfile.stages["cpu"].args_of("USER")
+    uid, gid = (int(x) for x in user.split(":"))
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (uid, gid)
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert [m["mountPath"] for m in container["volumeMounts"]] == ["/tmp"]
+    assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+
+
+def test_prometheus_scrape_annotations_point_at_the_metrics_port(
+    deployment: dict[str, Any], settings: Any
+) -> None:
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(settings.metrics_port)
+    prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    (job,) = [j for j in prometheus["scrape_configs"] if j.get("dns_sd_configs")]
+    assert annotations["prometheus.io/path"] == job.get("metrics_path", "/metrics")
+
+
+def test_services_hpa_and_pdb_select_the_deployment(
+    k8s: list[dict[str, Any]], deployment: dict[str, Any], container: dict[str, Any]
+) -> None:
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    named_ports = {p["name"] for p in container["ports"]}
+    for service in (d for d in k8s if d["kind"] == "Service"):
+        assert service["spec"]["selector"].items() <= labels.items()
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in named_ports
+    grpc_port = next(p for p in _one(k8s, "Service", "convserve")["spec"]["ports"] if p["name"] == "grpc")
+    assert grpc_port["appProtocol"] == "kubernetes.io/h2c"
+    assert _one(k8s, "Service", "convserve-headless")["spec"]["clusterIP"] == "None"
+    hpa = _one(k8s, "HorizontalPodAutoscaler")["spec"]
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
+    assert 1 <= hpa["minReplicas"] <= deployment["spec"]["replicas"] <= hpa["maxReplicas"]
+    pdb = _one(k8s, "PodDisruptionBudget")["spec"]
+    assert pdb["selector"]["matchLabels"].items() <= labels.items()
+    assert pdb["minAvailable"] < hpa["minReplicas"]  # a node drain can always proceed
+
+
+# ---- KServe ---------------------------------------------------------------------------------------------
+
+# Field names of KServe's ServingRuntimeSpec (serving.kserve.io/v1alpha1, with its inlined pod spec).
+SERVING_RUNTIME_FIELDS = {
+    "supportedModelFormats",
+    "multiModel",
+    "disabled",
+    "protocolVersions",
+    "workerSpec",
+    "containers",
+    "volumes",
+    "nodeSelector",
+    "affinity",
+    "tolerations",
+    "labels",
+    "annotations",
+    "imagePullSecrets",
+    "hostIPC",
+    "grpcEndpoint",
+    "grpcDataEndpoint",
+    "httpDataEndpoint",
+    "replicas",
+    "storageHelper",
+    "builtInAdapter",
+}
+PROTOCOLS = {"v1", "v2", "grpc-v1", "grpc-v2"}
+
+
+@pytest.fixture(scope="module")
+def kserve() -> list[dict[str, Any]]:
+    return _documents(KSERVE)
+
+
+def test_serving_runtime_structure(kserve: list[dict[str, Any]]) -> None:
+    runtime = _one(kserve, "ServingRuntime")
+    assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1"
+    spec = runtime["spec"]
+    assert set(spec) <= SERVING_RUNTIME_FIELDS, set(spec) - SERVING_RUNTIME_FIELDS
+    assert set(spec["protocolVersions"]) <= PROTOCOLS and "grpc-v2" in spec["protocolVersions"]
+    (container,) = spec["containers"]
+    assert container["name"] == "kserve-container"  # the name KServe injects the model mount into
+    # The pod parts are core Kubernetes types: validate them as a Pod would be.
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "convserve"},
+        "spec": {"containers": spec["containers"], "volumes": spec.get("volumes", [])},
+    }
+    _validate(pod)
+
+
+def test_serving_runtime_arguments_are_real_serve_flags(
+    kserve: list[dict[str, Any]], settings_from_env: Any, dockerfile: Any
+) -> None:
+    from convserve.server.settings import from_args
+
+    spec = _one(kserve, "ServingRuntime")["spec"]
+    (container,) = spec["containers"]
+    assert dockerfile.stages["cpu"].exec_form("ENTRYPOINT") == ["convserve", "serve"]
+    env = {e["name"]: e["value"] for e in container.get("env", [])}
+    settings_from_env(env)  # only names the server reads
+    settings = from_args(container["args"], env=env)  # what `convserve serve ARGS` resolves to
+    assert settings.model_repository == "/mnt/models"  # where KServe's storage initializer puts storageUri
+    (port,) = container["ports"]
+    assert port["name"] == "h2c" and port["containerPort"] == settings.grpc_port  # h2c = gRPC for KServe
+    assert container["readinessProbe"]["grpc"]["port"] == settings.grpc_port
+    assert spec["annotations"]["prometheus.kserve.io/port"] == str(settings.metrics_port)
+    assert spec["annotations"]["prometheus.kserve.io/path"] == "/metrics"
+    assert container["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_inference_service_uses_the_runtime_over_v2_grpc(kserve: list[dict[str, Any]]) -> None:
+    runtime = _one(kserve, "ServingRuntime")
+    isvc = _one(kserve, "InferenceService")
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert (
+        model["protocolVersion"] == "grpc-v2"
+        and model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+    )
+    formats = {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    assert model["modelFormat"]["name"] in formats
+    assert model["storageUri"].split("://")[0] in {"pvc", "s3", "gs", "https", "hdfs", "oci"}
+    assert json.dumps(isvc).count("CONVSERVE_") == 0  # settings live in the runtime, not per service
