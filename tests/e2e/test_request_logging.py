@@ -1,0 +1,135 @@
+"""A real server's request logs: one structured line per failed request, the JSON access log, request ids
+taken from `x-request-id` (or generated) and echoed in trailing metadata."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from convserve.protos.convserve.v1 import classifier_pb2 as pb
+from convserve.protos.convserve.v1 import classifier_pb2_grpc as pb_grpc
+from convserve.server import logging_setup as ls
+
+MODEL = "gray"  # 1x8x8 grayscale in the test repository (tests/conftest.py)
+
+
+@pytest.fixture
+def log_stream() -> Iterator[Callable[[bool], io.StringIO]]:
+    """`configure(access_log)` sends the convserve loggers to a fresh buffer as JSON; restored afterwards."""
+    root = logging.getLogger("convserve")
+    saved = (list(root.handlers), root.level, root.propagate, logging.getLogger(ls.ACCESS_LOGGER).level)
+
+    def configure(access_log: bool) -> io.StringIO:
+        stream = io.StringIO()
+        ls.configure_logging("INFO", "json", access_log=access_log, stream=stream)
+        return stream
+
+    try:
+        yield configure
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+        root.propagate = saved[2]
+        logging.getLogger(ls.ACCESS_LOGGER).setLevel(saved[3])
+
+
+def records(stream: io.StringIO, want: Callable[[list[dict[str, Any]]], bool]) -> list[dict[str, Any]]:
+    """The JSON lines logged so far, once `want` holds (lines are written on the server's thread)."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        lines = [json.loads(line) for line in stream.getvalue().splitlines() if line]
+        if want(lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.02)
+
+
+def tensor_image() -> pb.Image:
+    data = np.random.default_rng(0).random((1, 8, 8), dtype=np.float32)
+    return pb.Image(tensor=pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[1, 8, 8], data=data.tobytes()))
+
+
+def trailing_request_id(call: Any) -> str:
+    return dict(call.trailing_metadata())[ls.REQUEST_ID_KEY]
+
+
+def test_failed_request_logs_one_structured_line_with_the_clients_request_id(
+    server: Any, log_stream: Any
+) -> None:
+    stream = log_stream(access_log=True)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        bad = pb.ClassifyRequest(model=MODEL, images=[pb.Image(encoded=b"\x89PNG truncated")])
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Classify(bad, metadata=[(ls.REQUEST_ID_KEY, "client-trace-7")], timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert trailing_request_id(err.value) == "client-trace-7"
+
+        lines = records(stream, lambda rs: sum(r.get("request_id") == "client-trace-7" for r in rs) >= 2)
+    mine = [r for r in lines if r.get("request_id") == "client-trace-7"]
+    failed = [r for r in mine if r["event"] == "request_failed"]
+    access = [r for r in mine if r["event"] == "access"]
+    assert len(failed) == 1 and len(access) == 1, mine
+    (line,) = failed
+    assert line["level"] == "WARNING" and line["logger"] == ls.REQUESTS_LOGGER
+    assert line["code"] == "INVALID_ARGUMENT" and line["reason"] == "invalid_input"
+    assert line["method"] == "/convserve.v1.Classifier/Classify"
+    assert line["model"] == MODEL
+    assert line["error"] == err.value.details()
+    assert line["duration_ms"] >= 0 and "exc" not in line
+    assert access[0]["code"] == "INVALID_ARGUMENT"
+
+    # The server keeps serving: a good request right after succeeds.
+    with grpc.insecure_channel(server.address) as channel:
+        reply = pb_grpc.ClassifierStub(channel).Classify(
+            pb.ClassifyRequest(model=MODEL, images=[tensor_image()]), timeout=10
+        )
+    assert len(reply.results) == 1
+
+
+def test_access_log_line_per_request_with_a_generated_id_echoed_back(server: Any, log_stream: Any) -> None:
+    stream = log_stream(access_log=True)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        reply, call = stub.Classify.with_call(
+            pb.ClassifyRequest(model=MODEL, images=[tensor_image(), tensor_image()]), timeout=10
+        )
+        rid = trailing_request_id(call)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Classify(pb.ClassifyRequest(model="no-such-model", images=[tensor_image()]), timeout=10)
+        missing_rid = trailing_request_id(err.value)
+    assert len(rid) == 32 and int(rid, 16) >= 0 and missing_rid != rid
+    assert reply.request_id == rid  # the reply body carries the same id
+
+    lines = records(
+        stream, lambda rs: rid in {r.get("request_id") for r in rs} and
+        sum(r.get("request_id") == missing_rid for r in rs) >= 2,
+    )  # fmt: skip
+    (ok,) = [r for r in lines if r.get("request_id") == rid]
+    assert ok["event"] == "access" and ok["logger"] == ls.ACCESS_LOGGER and ok["level"] == "INFO"
+    assert ok["code"] == "OK" and ok["model"] == MODEL and ok["images"] == 2
+    assert ok["version"] == str(reply.version) and ok["duration_ms"] > 0
+    assert ok["peer"]
+    events = sorted(r["event"] for r in lines if r.get("request_id") == missing_rid)
+    assert events == ["access", "request_failed"]
+
+
+def test_access_log_off_logs_only_failures(server: Any, log_stream: Any) -> None:
+    stream = log_stream(access_log=False)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        stub.Classify(pb.ClassifyRequest(model=MODEL, images=[tensor_image()]), timeout=10)
+        with pytest.raises(grpc.RpcError):
+            stub.Classify(pb.ClassifyRequest(model=MODEL, images=[]), timeout=10)
+    lines = records(stream, lambda rs: any(r.get("event") == "request_failed" for r in rs))
+    assert [r["event"] for r in lines if "event" in r] == ["request_failed"]
+    assert lines[-1]["code"] == "INVALID_ARGUMENT"
