@@ -1,0 +1,188 @@
+"""`convserve train | export | evaluate | archs`: flags → calls into the offline pipeline, nothing else.
+
+Importing this module is light (argparse only): torch, ONNX Runtime and scikit-learn load inside the
+handlers, so ``convserve --help`` and the client commands work on the base install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from convserve.client.cli import CommandError
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register the offline sub-commands on the ``convserve`` parser."""
+    p = subparsers.add_parser(
+        "train", help="train a CNN on the digits or an image folder; writes a checkpoint and plots",
+        description="Train an architecture from the registry. The held-out test split is fixed (stratified, "
+                    "seeded independently of --seed) so `convserve evaluate` sees the same images.")
+    p.add_argument("--arch", default="lenet", help="architecture name (see `convserve archs`); default lenet")
+    p.add_argument("--data", default="digits",
+                   help="'digits' (scikit-learn's 1,797 handwritten digits) or 'imagefolder:PATH' "
+                        "(one sub-folder of JPEG/PNG images per class); default digits")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder for checkpoint.pt and the PNG plots; default runs/<data>_<arch>")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling, augmentation")
+    p.add_argument("--epochs", type=int, default=None, help="default: 15 for digits, 20 for an image folder")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (AdamW, one-cycle schedule); default 3e-3")
+    p.add_argument("--width", type=float, default=1.0, help="channel width multiplier for the architecture")
+    p.add_argument("--color", choices=("L", "RGB"), default=None,
+                   help="colour mode the model sees (image folder only; digits are L); default RGB")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="square input side in pixels; default 28 (digits are upscaled from 8x8)")
+    p.add_argument("--max-shift", type=int, default=None,
+                   help="augmentation: random shifts of up to this many pixels; default input-size/14; "
+                        "0 = off")
+    p.add_argument("--device", default=None, help="torch device; default cuda when available, else cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (fixed for reproducibility); default min(4, CPU count)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (per-epoch lines remain)")
+    p.set_defaults(func=_train)
+
+    p = subparsers.add_parser(
+        "export", help="export a checkpoint to ONNX as a model repository entry (self-verified)",
+        description="Write <repository>/<name>/<version>/model.onnx and <repository>/<name>/config.json. "
+                    "The export checks itself against ONNX Runtime and writes nothing if the check fails.")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="checkpoint.pt written by `convserve train`")
+    p.add_argument("--name", required=True, help="model name in the repository (letters, digits, _ . -)")
+    p.add_argument("--version", type=int, default=None, help="numeric version; default: next free one")
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--force", action="store_true", help="replace an existing version")
+    p.add_argument("--max-batch-size", type=int, default=128, help="largest batch the server may run")
+    p.set_defaults(func=_export)
+
+    p = subparsers.add_parser(
+        "evaluate", help="measure an exported model through ONNX Runtime on the held-out split",
+        description="Runs the served artefact itself (model.onnx with the preprocessing from config.json) "
+                    "on the held-out test split used by `convserve train`, or on a whole image folder.")
+    p.add_argument("--model-dir", type=Path, required=True, help="e.g. model_repository/digits_lenet")
+    p.add_argument("--version", type=int, default=None, help="default: the highest version present")
+    p.add_argument("--data", default="digits", help="'digits' or 'imagefolder:PATH'; default digits")
+    p.add_argument("--split", choices=("test", "all"), default="test",
+                   help="'test' = the held-out split training never saw (default); 'all' = every image")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=_evaluate)
+
+    p = subparsers.add_parser(
+        "archs", help="list architectures with parameter counts and FLOPs",
+        description="Parameter counts and multiply-accumulates of every registered architecture at its "
+                    "reference input, next to the seed's MLP comparison (one 10k hidden layer on 300x300).")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    p.set_defaults(func=_archs)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from . import data, train
+
+    _check_positive(epochs=args.epochs, batch_size=args.batch_size, input_size=args.input_size,
+                    threads=args.threads)
+    if args.width <= 0:
+        raise CommandError(f"--width must be positive, got {args.width}")
+    if args.lr is not None and not args.lr > 0:
+        raise CommandError(f"--lr must be positive, got {args.lr}")
+    if args.max_shift is not None and args.max_shift < 0:
+        raise CommandError(f"--max-shift must be >= 0, got {args.max_shift}")
+    _check_arch(args.arch)
+    try:
+        dataset = data.load_dataset(args.data)
+        if dataset.fixed_color is not None and args.color not in (None, dataset.fixed_color):
+            raise CommandError(f"--color {args.color}: {args.data} images are {dataset.fixed_color}")
+        out = args.out or Path("runs") / f"{dataset.short_name}_{args.arch}"
+        _check_writable_dir(out)
+        options = train.TrainOptions(
+            arch=args.arch, seed=args.seed, epochs=args.epochs or dataset.default_epochs,
+            batch_size=args.batch_size, lr=3e-3 if args.lr is None else args.lr, width=args.width,
+            color_mode=args.color or dataset.fixed_color or "RGB", input_size=args.input_size or 28,
+            max_shift=args.max_shift, device=args.device, threads=args.threads,
+            progress=not args.no_progress)
+        result = train.train(dataset, options, out)
+    except (data.DataError, train.TrainError) as exc:
+        raise CommandError(str(exc)) from None
+    m = result.metrics
+    print(f"test accuracy {m['test_accuracy']:.4f} ({m['test_correct']}/{m['test_size']}) "
+          f"after {m['epochs']} epochs in {m['train_seconds']:.1f} s on {m['device']}")
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"plots: {result.curves_png}, {result.confusion_png}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from . import export, train
+
+    if not 1 <= args.max_batch_size <= 4096:
+        raise CommandError(f"--max-batch-size must be in 1..4096, got {args.max_batch_size}")
+    if args.version is not None and args.version < 1:
+        raise CommandError(f"--version must be a positive integer, got {args.version}")
+    try:
+        model, cfg = train.load_checkpoint(args.checkpoint)
+        cfg = cfg.replace(name=args.name, max_batch_size=args.max_batch_size).validate()
+    except train.TrainError as exc:
+        raise CommandError(str(exc)) from None
+    except ValueError as exc:  # ModelConfigError: e.g. a bad --name
+        raise CommandError(str(exc)) from None
+    try:
+        path = export.export_model(model, cfg, args.repository, version=args.version, force=args.force)
+    except export.ExportError as exc:
+        raise CommandError(str(exc)) from None
+    except OSError as exc:
+        raise CommandError(f"cannot write to {args.repository}: {exc.strerror or exc}") from None
+    print(f"exported {cfg.name} → {path}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from . import data, evaluate
+
+    _check_positive(batch_size=args.batch_size)
+    try:
+        result = evaluate.evaluate_model_dir(args.model_dir, args.data, version=args.version,
+                                             split=args.split, batch_size=args.batch_size)
+    except (data.DataError, evaluate.EvaluateError) as exc:
+        raise CommandError(str(exc)) from None
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(evaluate.format_report(result))
+    return 0
+
+
+def _archs(args: argparse.Namespace) -> int:
+    from . import summary
+
+    rows = summary.summarize()
+    print(json.dumps(rows, indent=2) if args.json else summary.format_table(rows))
+    return 0
+
+
+def _check_arch(name: str) -> None:
+    from .registry import list_architectures
+
+    names = list_architectures()
+    if name not in names:
+        raise CommandError(f"unknown architecture {name!r}; choose one of: {', '.join(sorted(names))}")
+
+
+def _check_positive(**values: int | None) -> None:
+    for flag, value in values.items():
+        if value is not None and value < 1:
+            raise CommandError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def _check_writable_dir(path: Path) -> None:
+    """Fail before training, not after minutes of it, when the output folder cannot be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CommandError(f"cannot create output folder {path}: {exc.strerror or exc}") from None
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise CommandError(f"output folder {path} is not writable")
+
