@@ -62,4 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module, not __main__: its CommandError is the class the handlers raise.
+    from convserve.client.cli import main as _main
+
+    sys.exit(_main())
