@@ -7,7 +7,6 @@ same pixels offline and online.
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +16,11 @@ from .errors import InvalidInputError
 from .model_config import ModelConfig
 
 DEFAULT_MAX_PIXELS = 16_000_000
+
+# The pixel limit is ours, per call (ImageLimits.max_pixels), checked from the header before decoding.
+# Pillow's process-wide default would warn at ~89 Mpx and refuse at ~179 Mpx with a message that hides the
+# size, and a global cannot follow per-server settings; so it is switched off here, explicitly.
+Image.MAX_IMAGE_PIXELS = None
 DEFAULT_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
 
 
@@ -64,7 +68,9 @@ def image_to_array(img: Image.Image, cfg: ModelConfig) -> np.ndarray:
     return np.ascontiguousarray((arr - mean) / std, dtype=np.float32)
 
 
-def decode_image(data: bytes, cfg: ModelConfig, limits: ImageLimits = ImageLimits(), where: str = "image") -> np.ndarray:
+def decode_image(
+    data: bytes, cfg: ModelConfig, limits: ImageLimits = ImageLimits(), where: str = "image"
+) -> np.ndarray:
     """Decode encoded image bytes and preprocess them → (C, H, W) float32.
 
     Raises InvalidInputError naming ``where``, what was expected and what arrived.
@@ -74,38 +80,83 @@ def decode_image(data: bytes, cfg: ModelConfig, limits: ImageLimits = ImageLimit
         raise InvalidInputError(f"{where}: expected encoded image bytes (PNG, JPEG), got 0 bytes")
     if size > limits.max_encoded_bytes:
         raise InvalidInputError(
-            f"{where}: encoded image is {size} bytes, over the limit of {limits.max_encoded_bytes} bytes")
+            f"{where}: encoded image is {size} bytes, over the limit of {limits.max_encoded_bytes} bytes"
+        )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=list(limits.formats))
-            w, h = img.size
-            if w * h > limits.max_pixels:
-                raise InvalidInputError(
-                    f"{where}: image is {w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels} pixels")
-            if w < 1 or h < 1:
-                raise InvalidInputError(f"{where}: image has an empty size {w}x{h}")
-            img.load()
-            img = ImageOps.exif_transpose(img) if "exif" in img.info else img
+        img = Image.open(io.BytesIO(data), formats=list(limits.formats))  # reads the header only
+        w, h = img.size
+        if w * h > limits.max_pixels:  # the decompression-bomb guard, before any pixel is decoded
+            raise InvalidInputError(
+                f"{where}: image is {w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels} pixels"
+            )
+        if w < 1 or h < 1:
+            raise InvalidInputError(f"{where}: image has an empty size {w}x{h}")
+        img.load()
+        img = ImageOps.exif_transpose(img) if "exif" in img.info else img
     except InvalidInputError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidInputError(
-            f"{where}: expected an image in one of {', '.join(limits.formats)}, "
-            f"got {size} bytes that do not decode as one ({type(exc).__name__})") from None
+    except UnidentifiedImageError:
+        raise InvalidInputError(_unidentified(data, limits, where)) from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise InvalidInputError(f"{where}: image bytes are corrupt or truncated ({size} bytes): {exc}") from None
+        raise InvalidInputError(
+            f"{where}: image bytes are corrupt or truncated ({size} bytes): {exc}"
+        ) from None
     return image_to_array(img, cfg)
 
 
-_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "float64": np.dtype("<f8"), "uint8": np.dtype("u1")}
+# Leading bytes of the formats we may accept: to tell "corrupt PNG" from "not an image at all".
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
 
 
-def tensor_to_array(data: bytes, dtype: str, shape: tuple[int, ...], cfg: ModelConfig,
-                    where: str = "tensor") -> np.ndarray:
+def _sniff(data: bytes) -> str | None:
+    for magic, fmt in _SIGNATURES:
+        if data.startswith(magic):
+            return fmt
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _unidentified(data: bytes, limits: ImageLimits, where: str) -> str:
+    """Why Pillow could not open the bytes, in the client's terms."""
+    fmt = _sniff(data)
+    allowed = ", ".join(limits.formats)
+    if fmt is not None and fmt not in limits.formats:
+        return (
+            f"{where}: expected an image in one of {allowed}, "
+            f"got a {fmt} image, which this server does not accept"
+        )
+    if fmt is not None:
+        return (
+            f"{where}: image bytes are corrupt or truncated ({len(data)} bytes that start like a {fmt} file)"
+        )
+    return f"{where}: expected an image in one of {allowed}, got {len(data)} bytes that do not decode as one"
+
+
+_DTYPES = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "float64": np.dtype("<f8"),
+    "uint8": np.dtype("u1"),
+}
+
+
+def tensor_to_array(
+    data: bytes, dtype: str, shape: tuple[int, ...] | list[int], cfg: ModelConfig, where: str = "tensor"
+) -> np.ndarray:
     """Validate a raw tensor against the model's input spec → (N, C, H, W) float32.
 
-    Accepts (C, H, W) or (N, C, H, W). float32 input is wrapped without a copy.
+    Accepts (C, H, W) or (N, C, H, W). Float tensors are the model's input as they are (float32 is
+    wrapped without a copy); uint8 tensors are pixels in the model's layout, scaled and normalized
+    exactly like decoded images.
     """
     expected = tuple(int(d) for d in cfg.input.shape)
     if dtype not in _DTYPES:
@@ -115,15 +166,45 @@ def tensor_to_array(data: bytes, dtype: str, shape: tuple[int, ...], cfg: ModelC
         shape = (1, *shape)
     if len(shape) != 4 or shape[1:] != expected or shape[0] < 1:
         raise InvalidInputError(
-            f"{where}: expected shape {list(expected)} or [N, {', '.join(map(str, expected))}], got {list(shape)}")
+            f"{where}: expected shape {list(expected)} or [N, {', '.join(map(str, expected))}], "
+            f"got {list(shape)}"
+        )
     np_dtype = _DTYPES[dtype]
     want = int(np.prod(shape)) * np_dtype.itemsize
     if len(data) != want:
         raise InvalidInputError(
-            f"{where}: shape {list(shape)} of {dtype} needs {want} bytes, got {len(data)}")
+            f"{where}: shape {list(shape)} of {dtype} needs {want} bytes, got {len(data)}"
+        )
     arr = np.frombuffer(data, dtype=np_dtype).reshape(shape)
+    if np_dtype == np.uint8:
+        return normalize_pixels(arr, cfg)
     if np_dtype != np.float32:
         arr = arr.astype(np.float32)
-    if not np.isfinite(arr).all():
+    # One reduction catches any NaN/Inf (they propagate into the sum); only a suspicious sum pays for
+    # the exact element-wise check, which also clears finite values whose sum merely overflowed.
+    if not np.isfinite(arr.sum(dtype=np.float64)) and not np.isfinite(arr).all():
         raise InvalidInputError(f"{where}: tensor holds NaN or Inf values; expected finite numbers")
     return arr
+
+
+def normalize_pixels(pixels: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """(N, C, H, W) uint8 pixels → the model's normalized float32 input (÷255, then (x-mean)/std)."""
+    pre = cfg.preprocessing
+    mean = np.asarray(pre.mean, dtype=np.float32)[None, :, None, None]
+    std = np.asarray(pre.std, dtype=np.float32)[None, :, None, None]
+    return np.ascontiguousarray(
+        (pixels.astype(np.float32) / np.float32(255.0) - mean) / std, dtype=np.float32
+    )
+
+
+def stack(parts: list[np.ndarray]) -> np.ndarray:
+    """Join decoded images (C, H, W) and tensors (N, C, H, W) into one (N, C, H, W) batch.
+
+    A single tensor is returned as it is, so a raw float32 request reaches the model without a copy.
+    """
+    if len(parts) == 1:
+        part = parts[0]
+        return part if part.ndim == 4 else part[None]
+    if all(p.ndim == 3 for p in parts):
+        return np.stack(parts)
+    return np.concatenate([p if p.ndim == 4 else p[None] for p in parts])

@@ -1,0 +1,222 @@
+"""Build the grpc.aio server (services, edge, health, reflection, metrics), start it, drain and stop it.
+
+``start_server(settings)`` is the one factory: production passes ports 8001/8002, tests pass 0 and
+read the ports it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from . import logging_setup
+from .health import Health
+from .interceptors import Edge, TokenAuthInterceptor, read_tokens
+from .metrics import Metrics
+from .repository import ModelRepository
+from .services import classify, inference_v2
+from .settings import Settings
+
+log = logging.getLogger("convserve.server")
+
+SERVICE_NAMES = (classify.SERVICE.full_name, inference_v2.SERVICE.full_name)
+
+
+@dataclass
+class RunningServer:
+    """A started server and everything it owns; ``stop(grace)`` drains it."""
+
+    server: grpc.aio.Server
+    settings: Settings
+    repository: ModelRepository
+    metrics: Metrics
+    health: Health
+    edge: Edge
+    grpc_port: int
+    metrics_port: int | None
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    _stopping: bool = False
+
+    @property
+    def address(self) -> str:
+        """host:port a client on this machine can dial (the wildcard host becomes loopback)."""
+        host = self.settings.host
+        if host in ("0.0.0.0", "", "::", "[::]"):
+            host = "127.0.0.1"
+        return f"[{host}]:{self.grpc_port}" if ":" in host else f"{host}:{self.grpc_port}"
+
+    async def load_models(self) -> None:
+        """Load every model; report SERVING when at least one version is ready."""
+        t0 = time.perf_counter()
+        await self.repository.load_all()
+        ready = [
+            f"{sm.name}:{sm.version}"
+            for e in self.repository.entries()
+            for sm in e.versions.values()
+            if sm.ready
+        ]
+        if ready:
+            await self.health.set_serving()
+            log.info(
+                "serving %d model version(s) [%s] after %.2f s",
+                len(ready),
+                ", ".join(ready),
+                time.perf_counter() - t0,
+            )
+        else:
+            log.error("no model version is ready in %s; health stays NOT_SERVING", self.repository.root)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: health NOT_SERVING and new calls refused (UNAVAILABLE) at once; in-flight calls get up to
+        ``grace`` seconds (default: the drain_grace_seconds setting); then everything is released."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.settings.drain_grace_seconds if grace is None else grace
+        deadline = time.monotonic() + grace
+        await self.health.drain()
+        log.info("draining: %d call(s) in flight, grace %.1f s", self.edge.in_flight, grace)
+        finished = await self.edge.wait_idle(grace)
+        if not finished:
+            log.warning(
+                "grace period over with %d call(s) still in flight; cancelling them", self.edge.in_flight
+            )
+        await self.server.stop(max(0.0, deadline - time.monotonic()))
+        await self.repository.stop(max(0.0, deadline - time.monotonic()))
+        self.metrics.stop()
+        self._stopped.set()
+        log.info("stopped")
+
+
+def _bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if not settings.tls_enabled:
+        return None
+    key = Path(settings.tls_key).read_bytes()
+    cert = Path(settings.tls_cert).read_bytes()
+    ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+async def start_server(
+    settings: Settings, registry: CollectorRegistry | None = None, *, load_models: bool = True
+) -> RunningServer:
+    """Bind and start the gRPC server (and /metrics), then load the models unless ``load_models`` is False.
+
+    Health reads NOT_SERVING from the moment the port is open until models are loaded, so a caller
+    that wants the port early (``serve_forever`` writes the port file) passes False and calls
+    ``RunningServer.load_models()`` itself. Raises OSError/RuntimeError if a port cannot be bound.
+    """
+    metrics = Metrics(registry, enabled=settings.metrics_enabled or registry is not None)
+    repository = ModelRepository(settings.model_repository, settings, metrics)
+    repository.scan()
+    health = Health(SERVICE_NAMES)
+    await health.start()
+    edge = Edge(health)
+
+    interceptors = []
+    tokens = (
+        *(read_tokens(settings.auth_token_file) if settings.auth_token_file else ()),
+        *(t.encode() for t in settings.auth_tokens),
+    )
+    if tokens:
+        interceptors.append(TokenAuthInterceptor(tokens))
+    size = settings.max_message_bytes
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+            ("grpc.so_reuseport", 0),  # a busy port must fail loudly, not be shared with another server
+        ],
+    )
+    classifier = classify.ClassifierService(repository, settings, metrics, health)
+    v2 = inference_v2.InferenceService(repository, settings, metrics, health)
+    edge.register(server, classifier, classify.SERVICE)
+    edge.register(server, v2, inference_v2.SERVICE, probes=inference_v2.PROBES)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+
+    address = _bind_address(settings.host, settings.grpc_port)
+    credentials = _credentials(settings)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"could not bind gRPC to {address}")
+    await server.start()
+    metrics_port = None
+    try:
+        if settings.metrics_enabled:
+            metrics_port = metrics.start_http_server(
+                settings.metrics_host or settings.host, settings.metrics_port
+            )
+    except BaseException:
+        await server.stop(0)
+        raise
+    running = RunningServer(server, settings, repository, metrics, health, edge, port, metrics_port)
+    log.info(
+        "gRPC listening on %s%s; metrics %s",
+        _bind_address(settings.host, port),
+        " (TLS" + (", mTLS" if settings.tls_client_ca else "") + ")" if credentials else "",
+        f"http://{settings.metrics_host or settings.host}:{metrics_port}/metrics" if metrics_port else "off",
+    )
+    if load_models:
+        await running.load_models()
+    return running
+
+
+def write_port_file(path: str | Path, grpc_port: int, metrics_port: int | None) -> None:
+    """Write the bound ports as JSON, atomically, so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(
+        json.dumps({"grpc_port": grpc_port, "metrics_port": metrics_port, "pid": os.getpid()}) + "\n"
+    )
+    tmp.replace(path)
+
+
+async def _serve(settings: Settings) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        running = await start_server(settings, load_models=False)
+    except (OSError, ValueError, RuntimeError) as exc:  # busy port, unreadable TLS/token file, ...
+        log.error("cannot start the server: %s", exc)
+        return 1
+    if settings.port_file:
+        write_port_file(settings.port_file, running.grpc_port, running.metrics_port)
+    loader = asyncio.create_task(running.load_models())
+    await stop.wait()
+    log.info("shutdown signal received")
+    if not loader.done():
+        loader.cancel()
+    await running.stop(settings.drain_grace_seconds)
+    return 0
+
+
+def serve_forever(settings: Settings) -> int:
+    """Run the server until SIGTERM/SIGINT, drain within the grace period, and return exit status 0
+    (1 when it cannot start: a busy port, an unreadable certificate or token file)."""
+    logging_setup.configure_logging(settings.log_level, settings.log_format, settings.access_log)
+    return asyncio.run(_serve(settings))

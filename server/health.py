@@ -1,0 +1,44 @@
+"""grpc.health.v1, overall and per service: NOT_SERVING until models load; a one-way drain latch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Health:
+    """The server's readiness: ``""`` (overall) plus one entry per service, all moving together.
+
+    ``drain()`` is a latch: once called, every service reads NOT_SERVING and nothing sets it back
+    (grpc's ``enter_graceful_shutdown`` ignores later ``set`` calls).
+    """
+
+    def __init__(self, services: Sequence[str]) -> None:
+        self.servicer = HealthServicer()
+        self.services = ("", *services)
+        self.serving = False
+        self.draining = False
+
+    async def start(self) -> None:
+        """Register every service as NOT_SERVING (models are not loaded yet)."""
+        for name in self.services:
+            await self.servicer.set(name, NOT_SERVING)
+
+    async def set_serving(self) -> None:
+        """Models are loaded: report SERVING, unless the server is already draining."""
+        if self.draining:
+            return
+        self.serving = True
+        for name in self.services:
+            await self.servicer.set(name, SERVING)
+
+    async def drain(self) -> None:
+        """Shutdown began: NOT_SERVING everywhere, for good."""
+        self.draining = True
+        self.serving = False
+        await self.servicer.enter_graceful_shutdown()

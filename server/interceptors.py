@@ -1,0 +1,329 @@
+"""The edge of every RPC: request id, refusal while draining, error → status translation, logs; token auth.
+
+Our servicers' methods are wrapped once, at registration (``Edge.wrap``), rather than through a
+per-call ``grpc.aio.ServerInterceptor``: the wrapper costs one coroutine frame per call, which matters
+at tens of thousands of small requests per second. Token auth is a real interceptor because it must
+also guard reflection; it is installed only when a token file is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError
+from google.protobuf.message_factory import GetMessageClass
+
+from .errors import ConvserveServerError, DrainingError, InvalidInputError, status_for
+from .health import Health
+from .logging_setup import (
+    REQUEST_ID_KEY,
+    access_log_enabled,
+    log_access,
+    log_failed_request,
+    request_id_from_metadata,
+)
+
+log = logging.getLogger(__name__)
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
+
+
+@dataclass(slots=True)
+class CallInfo:
+    """What the edge knows about the current call; services fill in model, version and image count."""
+
+    request_id: str
+    method: str
+    model: str = ""
+    version: str = ""
+    images: int | None = None
+
+
+_current: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("convserve_call", default=None)
+
+
+class MalformedRequest:
+    """Stands in for request bytes that do not parse as the method's message type."""
+
+    __slots__ = ("error", "type_name")
+
+    def __init__(self, type_name: str, error: str) -> None:
+        self.type_name = type_name
+        self.error = error
+
+
+def _tolerant_parser(cls: Any) -> Callable[[bytes], Any]:
+    parse = cls.FromString
+    name = cls.DESCRIPTOR.full_name
+
+    def parse_request(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return MalformedRequest(name, str(exc) or "wire format was corrupt")
+
+    return parse_request
+
+
+def require_message(request: Any) -> None:
+    """Raise InvalidInputError when the request bytes did not parse (streams call this per message)."""
+    if type(request) is MalformedRequest:
+        raise InvalidInputError(
+            f"request: expected a serialized {request.type_name} message, "
+            f"got bytes that do not parse ({request.error})"
+        )
+
+
+def current_call() -> CallInfo:
+    """The CallInfo of the RPC running in this task (a fresh anonymous one outside an RPC)."""
+    call = _current.get()
+    return call if call is not None else CallInfo(request_id="", method="")
+
+
+def error_status(
+    exc: BaseException, call: CallInfo, duration_s: float | None = None, peer: str = ""
+) -> tuple[grpc.StatusCode, str]:
+    """Translate an exception to (status, client message) and log it: the one translation point.
+
+    Domain errors keep their message and log one line without a traceback; anything else becomes
+    INTERNAL "internal error, request id …" and its traceback goes to the log only.
+    """
+    code = status_for(exc)
+    if isinstance(exc, ConvserveServerError):
+        message, reason, exc_info = exc.message, exc.reason, None
+    else:
+        message, reason, exc_info = f"internal error, request id {call.request_id}", "internal", exc
+    log_failed_request(
+        request_id=call.request_id,
+        method=call.method,
+        code=code.name,
+        message=str(exc) if exc_info is not None else message,
+        model=call.model,
+        version=call.version,
+        reason=reason,
+        duration_s=duration_s,
+        peer=peer,
+        exc_info=exc_info,
+    )
+    return code, message
+
+
+class Edge:
+    """Wraps servicer methods; counts in-flight calls so shutdown can wait for them."""
+
+    def __init__(self, health: Health) -> None:
+        self.health = health
+        self.in_flight = 0
+        self._idle: asyncio.Event | None = None
+
+    def register(
+        self, server: grpc.aio.Server, servicer: Any, service: ServiceDescriptor, probes: Sequence[str] = ()
+    ) -> None:
+        """Add ``servicer`` to ``server``, each RPC method (read from the service descriptor) edge-wrapped.
+
+        Requests are parsed by a deserializer that never raises: bytes that are not a valid message
+        become a ``MalformedRequest``, which the edge answers with INVALID_ARGUMENT (grpc itself would
+        answer UNKNOWN). ``probes`` name methods still answered while draining (liveness/readiness).
+        """
+        handlers = {}
+        for method in service.methods:
+            fn = getattr(servicer, method.name)
+            full = f"/{service.full_name}/{method.name}"
+            refuse = method.name not in probes
+            kw = {
+                "request_deserializer": _tolerant_parser(GetMessageClass(method.input_type)),
+                "response_serializer": GetMessageClass(method.output_type).SerializeToString,
+            }
+            if method.client_streaming and method.server_streaming:
+                handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                    self._streaming(fn, full, refuse), **kw
+                )
+            elif not method.client_streaming and not method.server_streaming:
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                    self._unary(fn, full, refuse), **kw
+                )
+            else:
+                raise ValueError(f"{full}: only unary and bidirectional methods are served")
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+        server.add_registered_method_handlers(service.full_name, handlers)
+
+    async def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until no wrapped call is running (True) or ``timeout`` seconds pass (False)."""
+        if self.in_flight == 0:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def _enter(self, context: grpc.aio.ServicerContext, method: str) -> CallInfo:
+        call = CallInfo(request_id_from_metadata(context.invocation_metadata()), method)
+        context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
+        self.in_flight += 1
+        return call
+
+    def _refuse_if_draining(self) -> None:
+        if self.health.draining:
+            raise DrainingError(
+                "server is shutting down and accepts no new requests; "
+                "retry on another replica or after restart"
+            )
+
+    def _exit(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def _fail(
+        self, context: grpc.aio.ServicerContext, exc: BaseException, call: CallInfo, start: float
+    ) -> None:
+        code, message = error_status(exc, call, time.perf_counter() - start, context.peer())
+        await context.abort(code, message, trailing_metadata=((REQUEST_ID_KEY, call.request_id),))
+
+    def _access(self, call: CallInfo, code: str, start: float, context: grpc.aio.ServicerContext) -> None:
+        if access_log_enabled():
+            log_access(
+                request_id=call.request_id,
+                method=call.method,
+                code=code,
+                duration_s=time.perf_counter() - start,
+                model=call.model,
+                version=call.version,
+                images=call.images,
+                peer=context.peer(),
+            )
+
+    def _unary(
+        self, fn: Callable[..., Awaitable[Any]], method: str, refuse: bool
+    ) -> Callable[..., Awaitable[Any]]:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            code = "OK"
+            call = self._enter(context, method)
+            token = _current.set(call)
+            try:
+                if refuse:
+                    self._refuse_if_draining()
+                require_message(request)
+                return await fn(request, context)
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception as exc:
+                code = status_for(exc).name
+                await self._fail(context, exc, call, start)
+            finally:
+                _current.reset(token)
+                self._exit()
+                self._access(call, code, start, context)
+
+        unary.__name__ = fn.__name__
+        return unary
+
+    def _streaming(
+        self, fn: Callable[..., AsyncIterator[Any]], method: str, refuse: bool
+    ) -> Callable[..., AsyncIterator[Any]]:
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            start = time.perf_counter()
+            code = "OK"
+            call = self._enter(context, method)
+            token = _current.set(call)
+            try:
+                if refuse:
+                    self._refuse_if_draining()
+                async for response in fn(request, context):
+                    yield response
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception as exc:
+                code = status_for(exc).name
+                await self._fail(context, exc, call, start)
+            finally:
+                _current.reset(token)
+                self._exit()
+                self._access(call, code, start, context)
+
+        streaming.__name__ = fn.__name__
+        return streaming
+
+
+def read_tokens(path: str | Path) -> tuple[bytes, ...]:
+    """Accepted bearer tokens: one per line; blank lines and ``#`` comments ignored."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    tokens = tuple(
+        line.strip().encode() for line in lines if line.strip() and not line.lstrip().startswith("#")
+    )
+    if not tokens:
+        raise ValueError(f"auth token file {path} holds no tokens")
+    return tokens
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Require ``authorization: Bearer <token>`` on every call except health checks (probes have no token)."""
+
+    def __init__(self, tokens: Sequence[bytes], exempt: Sequence[str] = (HEALTH_SERVICE,)) -> None:
+        self._tokens = tuple(tokens)
+        self._exempt = tuple(f"/{s}/" for s in exempt)
+
+    def _authorized(self, metadata: Sequence[tuple[str, Any]] | None) -> bool:
+        for key, value in metadata or ():
+            if key == "authorization":
+                text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+                scheme, _, token = text.partition(" ")
+                if scheme.lower() != "bearer":
+                    return False
+                given = token.strip().encode("latin-1", "replace")
+                # Compare against every token so the time taken does not reveal which prefix matched.
+                ok = False
+                for expected in self._tokens:
+                    ok |= hmac.compare_digest(given, expected)
+                return ok
+        return False
+
+    async def intercept_service(
+        self, continuation: Callable[..., Awaitable[Any]], details: grpc.HandlerCallDetails
+    ) -> Any:
+        if details.method.startswith(self._exempt) or self._authorized(details.invocation_metadata):
+            return await continuation(details)
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        return _refusal(
+            handler, "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'"
+        )
+
+
+def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming kind as ``handler`` that answers UNAUTHENTICATED."""
+
+    async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    kw = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny_stream, **kw)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(deny, **kw)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(deny_stream, **kw)
+    return grpc.unary_unary_rpc_method_handler(deny, **kw)

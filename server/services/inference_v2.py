@@ -1,0 +1,289 @@
+"""KServe v2 / Open Inference Protocol servicer (inference.GRPCInferenceService): proto ↔ domain objects.
+
+Tensors: one FP32 input ``[N, C, H, W]`` (typed ``contents.fp32_contents`` or ``raw_input_contents``), or
+a BYTES input ``[N]`` / ``[N, 1]`` of encoded images. Outputs come back in ``raw_output_contents``: the
+model's raw FP32 output ``[N, K]``, or with the classification extension (an output parameter
+``classification = k``, as tritonclient's ``InferRequestedOutput(name, class_count=k)`` sends, or the same
+request-level parameter) a BYTES ``[N, k]`` tensor of ``"probability:index:label"`` strings, best first.
+Unlike Triton, which ranks raw output values, the score is the softmax probability for logits models,
+the same number the convserve.v1 API reports.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+from convserve.protos.inference import grpc_service_pb2 as pb
+from convserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
+
+from ..errors import DrainingError, InvalidInputError, ModelNotReadyError
+from ..health import Health
+from ..interceptors import current_call, error_status, require_message
+from ..metrics import Metrics
+from ..model_config import ModelConfig
+from ..postprocess import probabilities, resolve_top_k, top_k
+from ..preprocess import stack, tensor_to_array
+from ..repository import ModelRepository, parse_version
+from ..served_model import ServedModel
+from ..settings import Settings
+from .common import check_count, deadline_of, decode_all, image_limits, lookup, observed, ordered_pipeline
+
+API = "v2"
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+# Answered while draining so probes can watch a replica go away.
+PROBES = ("ServerLive", "ServerReady", "ModelReady")
+EXTENSIONS = ("classification",)
+CLASSIFICATION = "classification"
+
+
+def _server_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("convserve")
+    except metadata.PackageNotFoundError:
+        return "0"
+
+
+class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    """The v2 protocol over the same repository and models as the convserve.v1 API."""
+
+    def __init__(
+        self, repository: ModelRepository, settings: Settings, metrics: Metrics, health: Health
+    ) -> None:
+        self.repository = repository
+        self.settings = settings
+        self.metrics = metrics
+        self.health = health
+        self.limits = image_limits(settings)
+        self.version = _server_version()
+
+    # ---- server and model status -----------------------------------------------------------------
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.health.serving)
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        entry = self.repository.entry(request.name, "name")
+        version = parse_version(request.version, "version")
+        if version:
+            sm = entry.versions.get(version)
+            ready = sm is not None and sm.ready
+        else:
+            ready = entry.latest_ready() is not None
+        return pb.ModelReadyResponse(ready=ready and not self.health.draining)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="convserve", version=self.version, extensions=list(EXTENSIONS))
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        entry = self.repository.entry(request.name, "name")
+        cfg = entry.config
+        if cfg is None:
+            raise ModelNotReadyError(f"model {entry.name!r} is not ready: {entry.error}")
+        version = parse_version(request.version, "version")
+        if version:
+            self.repository.resolve(entry.name, version, "name")
+            versions = [str(version)]
+        else:
+            ready = [str(v) for v, sm in sorted(entry.versions.items()) if sm.ready]
+            versions = ready or [str(v) for v in sorted(entry.versions)]
+        T = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=entry.name,
+            versions=versions,
+            platform=cfg.platform,
+            inputs=[T(name=cfg.input.name, datatype="FP32", shape=[-1, *cfg.input.shape])],
+            outputs=[T(name=cfg.output.name, datatype="FP32", shape=[-1, cfg.num_classes])],
+        )
+
+    # ---- inference -------------------------------------------------------------------------------
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        return await self._infer(request, deadline_of(context))
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        deadline = deadline_of(context)
+        call = current_call()
+
+        async def one(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            try:
+                require_message(request)
+                if self.health.draining:
+                    raise DrainingError("server is shutting down; this stream accepts no new requests")
+                return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
+            except Exception as exc:  # reported in the stream; the stream goes on
+                code, message = error_status(exc, call)
+                return pb.ModelStreamInferResponse(
+                    error_message=f"{code.name}: {message}",
+                    infer_response=pb.ModelInferResponse(
+                        model_name=getattr(request, "model_name", ""), id=getattr(request, "id", "")
+                    ),
+                )
+
+        async for reply in ordered_pipeline(request_iterator, one):
+            yield reply
+
+    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+        call = current_call()
+        call.model = request.model_name
+        served = lookup(
+            self.repository,
+            self.metrics,
+            request.model_name,
+            parse_version(request.model_version),
+            API,
+            "model_name",
+        )
+        model, version, cfg = served.name, served.version_label, served.cfg
+        call.version = version
+        with observed(self.metrics, model, version, API):
+            wanted = _requested_outputs(request, cfg)
+            with self.metrics.stage("preprocess", model, version):
+                batch = await self._batch(request, served)
+            call.images = n = len(batch)
+            outputs = await served.infer(batch, deadline)
+            with self.metrics.stage("postprocess", model, version):
+                response = pb.ModelInferResponse(model_name=model, model_version=version, id=request.id)
+                for name, k in wanted:
+                    if k:
+                        k = resolve_top_k(
+                            k, cfg.num_classes, self.settings.top_k, f"outputs[{name!r}].classification"
+                        )
+                        indices, scores = top_k(probabilities(outputs, cfg.output.kind), k)
+                        labels = cfg.labels
+                        strings = [
+                            f"{p:f}:{i}:{labels[i]}".encode()
+                            for row_i, row_p in zip(indices.tolist(), scores.tolist(), strict=False)
+                            for i, p in zip(row_i, row_p, strict=False)
+                        ]
+                        response.outputs.add(name=name, datatype="BYTES", shape=[n, k])
+                        response.raw_output_contents.append(_serialize_bytes(strings))
+                    else:
+                        response.outputs.add(name=name, datatype="FP32", shape=list(outputs.shape))
+                        response.raw_output_contents.append(
+                            np.ascontiguousarray(outputs, dtype="<f4").tobytes()
+                        )
+            self.metrics.images(model, version, API, n)
+        return response
+
+    async def _batch(self, request: pb.ModelInferRequest, served: ServedModel) -> np.ndarray:
+        """The request's single input as an (N, C, H, W) float32 batch."""
+        cfg = served.cfg
+        if len(request.inputs) != 1:
+            raise InvalidInputError(
+                f"inputs: expected exactly one input tensor named {cfg.input.name!r}, "
+                f"got {len(request.inputs)}"
+            )
+        inp = request.inputs[0]
+        where = f"inputs[{inp.name!r}]"
+        if inp.name != cfg.input.name:
+            raise InvalidInputError(f"inputs[0].name: expected {cfg.input.name!r}, got {inp.name!r}")
+        raw = request.raw_input_contents
+        if raw and len(raw) != 1:
+            raise InvalidInputError(f"raw_input_contents: expected one entry (one per input), got {len(raw)}")
+        shape = tuple(int(d) for d in inp.shape)
+        limit = self.settings.max_images_per_request
+        if inp.datatype == "FP32":
+            if len(shape) != 4:
+                raise InvalidInputError(
+                    f"{where}.shape: expected [N, {', '.join(map(str, cfg.input.shape))}], got {list(shape)}"
+                )
+            check_count(shape[0], limit)
+            # Typed contents cost a copy; raw_input_contents is wrapped as it is.
+            data = raw[0] if raw else np.asarray(inp.contents.fp32_contents, dtype="<f4").tobytes()
+            return tensor_to_array(data, "float32", shape, cfg, where)
+        if inp.datatype == "BYTES":
+            blobs = _deserialize_bytes(raw[0], where) if raw else list(inp.contents.bytes_contents)
+            if not blobs:
+                raise InvalidInputError(f"{where}: expected at least one encoded image, got none")
+            if shape not in ((len(blobs),), (len(blobs), 1)):
+                raise InvalidInputError(
+                    f"{where}.shape: {len(blobs)} encoded images need shape [{len(blobs)}] or "
+                    f"[{len(blobs)}, 1], got {list(shape)}"
+                )
+            check_count(len(blobs), limit)
+            return stack(
+                await decode_all([(f"{where}[{i}]", b) for i, b in enumerate(blobs)], served, self.limits)
+            )
+        raise InvalidInputError(
+            f"{where}.datatype: expected FP32 (a [N, C, H, W] tensor) or BYTES "
+            f"(encoded images), got {inp.datatype!r}"
+        )
+
+
+def _param_int(param: pb.InferParameter, where: str) -> int:
+    kind = param.WhichOneof("parameter_choice")
+    if kind in ("int64_param", "uint64_param"):
+        return int(getattr(param, kind))
+    if kind == "string_param" and param.string_param.strip().lstrip("-").isdigit():
+        return int(param.string_param)
+    raise InvalidInputError(f"{where}: expected an integer class count, got {kind or 'an empty parameter'}")
+
+
+def _requested_outputs(request: pb.ModelInferRequest, cfg: ModelConfig) -> list[tuple[str, int]]:
+    """(output name, classification k or 0) for each requested output; all outputs when none are named."""
+    default_k = 0
+    if CLASSIFICATION in request.parameters:
+        default_k = _param_int(request.parameters[CLASSIFICATION], "parameters['classification']")
+    if not request.outputs:
+        return [(cfg.output.name, default_k)]
+    wanted = []
+    for i, out in enumerate(request.outputs):
+        if out.name != cfg.output.name:
+            raise InvalidInputError(f"outputs[{i}].name: expected {cfg.output.name!r}, got {out.name!r}")
+        k = default_k
+        if CLASSIFICATION in out.parameters:
+            k = _param_int(out.parameters[CLASSIFICATION], f"outputs[{i}].parameters['classification']")
+        if k < 0:
+            raise InvalidInputError(
+                f"outputs[{i}].parameters['classification']: expected 1..{cfg.num_classes}, got {k}"
+            )
+        wanted.append((out.name, k))
+    return wanted
+
+
+def _serialize_bytes(items: list[bytes]) -> bytes:
+    """BYTES tensor wire form: each element as a 4-byte little-endian length, then its bytes."""
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def _deserialize_bytes(raw: bytes, where: str) -> list[bytes]:
+    items: list[bytes] = []
+    view = memoryview(raw)
+    pos = 0
+    while pos < len(view):
+        if pos + 4 > len(view):
+            raise InvalidInputError(
+                f"{where}: BYTES raw contents end inside a 4-byte length prefix at offset {pos}"
+            )
+        (size,) = struct.unpack_from("<I", view, pos)
+        pos += 4
+        if pos + size > len(view):
+            raise InvalidInputError(
+                f"{where}: BYTES element at offset {pos - 4} claims {size} bytes, "
+                f"only {len(view) - pos} remain"
+            )
+        items.append(bytes(view[pos : pos + size]))
+        pos += size
+    return items

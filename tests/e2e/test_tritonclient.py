@@ -1,0 +1,125 @@
+"""The unmodified tritonclient[grpc] client against our v2 service.
+
+tritonclient's stubs register the same ``inference.*`` protobuf names as ours, and two definitions collide
+in one process. So the server runs as a subprocess and tritonclient runs in another one (the driver
+below); this test process only compares what the driver saw with ONNX Runtime run in-process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+# find_spec, not importorskip: importing tritonclient here would collide with our own inference stubs.
+if importlib.util.find_spec("tritonclient") is None:
+    pytest.skip("tritonclient[grpc] is not installed (pip install -e '.[dev]')", allow_module_level=True)
+
+DRIVER = r"""
+import json, sys
+import numpy as np
+import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
+
+url, model, inputs = sys.argv[1:4]
+x = np.load(inputs)
+client = tc.InferenceServerClient(url)
+out = {"live": client.is_server_live(), "ready": client.is_server_ready(),
+       "model_ready": client.is_model_ready(model),
+       "metadata": client.get_model_metadata(model, as_json=True),
+       "server": client.get_server_metadata(as_json=True)}
+for n in (1, 8):
+    inp = tc.InferInput("input", list(x[:n].shape), "FP32")
+    inp.set_data_from_numpy(x[:n])
+    result = client.infer(model, [inp], outputs=[tc.InferRequestedOutput("logits")])
+    out[f"batch{n}"] = result.as_numpy("logits").tolist()
+inp = tc.InferInput("input", list(x[:4].shape), "FP32")
+inp.set_data_from_numpy(x[:4])
+result = client.infer(model, [inp], outputs=[tc.InferRequestedOutput("logits", class_count=3)])
+out["classification"] = [[s.decode() for s in row] for row in result.as_numpy("logits")]
+try:
+    client.infer("no_such_model", [inp])
+except InferenceServerException as exc:
+    out["error"] = [exc.status(), exc.message()]
+print(json.dumps(out))
+"""
+
+DUMP = r"""
+import importlib, json, sys
+module = importlib.import_module(sys.argv[1])
+def fields(desc):
+    out = {f.name: [f.number, f.type, f.is_repeated if hasattr(f, "is_repeated") else f.label]
+           for f in desc.fields}
+    for nested in desc.nested_types:
+        out.update({f"{nested.name}.{k}": v for k, v in fields(nested).items()})
+    return out
+print(json.dumps({name: fields(d) for name, d in module.DESCRIPTOR.message_types_by_name.items()}))
+"""
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_tritonclient_drives_our_server(
+    server_process: Any, model_repository: Path, run_reference: Any, tmp_path: Path
+) -> None:
+    server = server_process("--model-repository", str(model_repository))
+    x = np.random.default_rng(0).normal(size=(8, 3, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER, server.address, "rgb", str(tmp_path / "x.npy")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["live"] and seen["ready"] and seen["model_ready"]
+    meta = seen["metadata"]
+    assert meta["name"] == "rgb" and meta["versions"] == ["1"]
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": ["-1", "3", "16", "16"]}]
+    assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": ["-1", "10"]}]
+    assert "classification" in seen["server"]["extensions"]
+
+    reference = run_reference(model_repository / "rgb" / "1" / "model.onnx", x)
+    np.testing.assert_allclose(np.array(seen["batch1"]), reference[:1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(seen["batch8"]), reference, rtol=1e-5, atol=1e-6)
+
+    probs = _softmax(reference[:4])
+    for row, strings in zip(probs, seen["classification"], strict=True):
+        order = np.argsort(-row)[:3]
+        parsed = [s.split(":") for s in strings]
+        assert [int(p[1]) for p in parsed] == order.tolist()
+        assert [p[2] for p in parsed] == [f"class_{i}" for i in order]
+        np.testing.assert_allclose([float(p[0]) for p in parsed], row[order], atol=1e-5)
+
+    status, message = seen["error"]
+    assert "NOT_FOUND" in status and "no model named 'no_such_model'" in message
+    assert server.stop() == 0
+
+
+def test_v2_field_numbers_equal_tritonclient() -> None:
+    """Our hand-written grpc_service.proto against tritonclient's generated one, message by message."""
+
+    def dump(module: str) -> dict[str, Any]:
+        done = subprocess.run(
+            [sys.executable, "-c", DUMP, module], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    ours = dump("convserve.protos.inference.grpc_service_pb2")
+    theirs = dump("tritonclient.grpc.service_pb2")
+    assert ours, "no messages in our v2 proto"
+    for message, fields in ours.items():
+        assert message in theirs, f"{message} is not a tritonclient message"
+        for field, spec in fields.items():
+            assert theirs[message].get(field) == spec, (message, field, spec, theirs[message].get(field))
