@@ -1,0 +1,1 @@
+"""Benchmarks: load generator, plain baseline server, in-process ceiling; run `python -m benchmarks.run`."""
