@@ -47,6 +47,7 @@ class RunningServer:
     metrics_port: int | None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
+    _poller: asyncio.Task[None] | None = None  # repository polling (hot reload), when configured
 
     @property
     def address(self) -> str:
@@ -87,6 +88,8 @@ class RunningServer:
         grace = self.settings.drain_grace_seconds if grace is None else grace
         deadline = time.monotonic() + grace
         await self.health.drain()
+        if self._poller is not None:
+            self._poller.cancel()
         log.info("draining: %d call(s) in flight, grace %.1f s", self.edge.in_flight, grace)
         finished = await self.edge.wait_idle(grace)
         if not finished:
@@ -173,6 +176,8 @@ async def start_server(
         await server.stop(0)
         raise
     running = RunningServer(server, settings, repository, metrics, health, edge, port, metrics_port)
+    if settings.repository_poll_seconds > 0:
+        running._poller = asyncio.create_task(repository.poll_forever(settings.repository_poll_seconds))
     log.info(
         "gRPC listening on %s%s; metrics %s",
         _bind_address(settings.host, port),

@@ -14,13 +14,40 @@ from pathlib import Path
 
 from .errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from .metrics import Metrics
-from .model_config import MODEL_FILE, NAME_PATTERN, ModelConfig, ModelConfigError, load_config
+from .model_config import CONFIG_FILE, MODEL_FILE, NAME_PATTERN, ModelConfig, ModelConfigError, load_config
 from .served_model import ModelState, ServedModel
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 _VERSION_DIR = re.compile(r"^[0-9]{1,18}$")
+
+Stamp = tuple[int, int] | None
+
+
+def _stamp(path: Path) -> Stamp:
+    """(mtime_ns, size) of a file, None when missing: cheap change detection that reads nothing."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
+def _version_folders(model_dir: Path) -> list[int]:
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and _VERSION_DIR.match(p.name))
+
+
+def model_fingerprint(model_dir: Path) -> tuple[object, ...]:
+    """What repository polling compares between passes: stamps of config.json and each version's model."""
+    try:
+        versions = _version_folders(model_dir)
+    except OSError:
+        return ()
+    return (
+        _stamp(model_dir / CONFIG_FILE),
+        *((v, _stamp(model_dir / str(v) / MODEL_FILE)) for v in versions),
+    )
 
 
 @dataclass
@@ -33,6 +60,10 @@ class ModelEntry:
     error: str = ""
     versions: dict[int, ServedModel] = field(default_factory=dict)
     on_disk: list[int] = field(default_factory=list)
+    # What hot reload compares: the folder's file stamps when last (re)loaded, each served version's stamp.
+    fingerprint: tuple[object, ...] = ()
+    stamps: dict[int, Stamp] = field(default_factory=dict)
+    held: bool = False  # unloaded by request: polling leaves it alone until LoadModel
 
     def latest_ready(self) -> ServedModel | None:
         for version in sorted(self.versions, reverse=True):
@@ -84,6 +115,10 @@ class ModelRepository:
         self.metrics = metrics
         self._entries: dict[str, ModelEntry] = {}
         self.loaded = False
+        self._lock = asyncio.Lock()  # one load / reload / unload at a time
+        self._settling: dict[
+            str, tuple[object, ...]
+        ] = {}  # polling: changes seen once, awaiting a second look
 
     # ---- scanning and loading --------------------------------------------------------------------
 
@@ -109,14 +144,21 @@ class ModelRepository:
         try:
             cfg = load_config(model_dir)
         except ModelConfigError as exc:
-            entry = ModelEntry(name, model_dir, None, error=self._public(f"config: {exc}"), on_disk=on_disk)
+            entry = ModelEntry(
+                name,
+                model_dir,
+                None,
+                error=self._public(f"config: {exc}"),
+                on_disk=on_disk,
+                fingerprint=model_fingerprint(model_dir),
+            )
             log.error(
                 "model %s: %s", name, entry.error, extra={"fields": {"event": "model_failed", "model": name}}
             )
             for v in on_disk:  # listed as failed so that /metrics and ListModels show why nothing serves
                 self.metrics.set_model_state(name, str(v), "failed")
             return entry
-        entry = ModelEntry(name, model_dir, cfg, on_disk=on_disk)
+        entry = ModelEntry(name, model_dir, cfg, on_disk=on_disk, fingerprint=model_fingerprint(model_dir))
         selected = cfg.version_policy.select(on_disk)
         if not selected:
             entry.error = (
@@ -127,6 +169,7 @@ class ModelRepository:
                 "model %s: %s", name, entry.error, extra={"fields": {"event": "model_failed", "model": name}}
             )
         for v in selected:
+            entry.stamps[v] = _stamp(model_dir / str(v) / MODEL_FILE)
             entry.versions[v] = ServedModel(
                 name,
                 v,
@@ -140,20 +183,213 @@ class ModelRepository:
 
     async def load_all(self) -> None:
         """Load every LOADING version in a worker thread; one failure never stops the others."""
-        for entry in self._entries.values():
-            for sm in entry.versions.values():
-                if sm.state is ModelState.LOADING:
-                    if not sm.path.is_file():
-                        sm.fail(self._public(f"no {MODEL_FILE} in {sm.path.parent}"))
-                        continue
-                    await asyncio.to_thread(sm.load)
-        self.loaded = True
+        async with self._lock:
+            for entry in list(self._entries.values()):
+                for sm in list(entry.versions.values()):
+                    if sm.state is ModelState.LOADING:
+                        if not sm.path.is_file():
+                            sm.fail(self._public(f"no {MODEL_FILE} in {sm.path.parent}"))
+                            continue
+                        await asyncio.to_thread(sm.load)
+            self.loaded = True
 
     async def stop(self, grace: float | None = None) -> None:
         """Unload every version; queued requests get up to ``grace`` seconds."""
         await asyncio.gather(
             *(sm.unload(grace) for e in self._entries.values() for sm in e.versions.values())
         )
+
+    # ---- hot reload --------------------------------------------------------------------------------
+
+    async def reload(self, name: str, where: str = "model") -> ModelEntry:
+        """(Re)read one model folder and serve what its version policy now selects, without a restart.
+
+        New or changed versions load first (in a worker thread); versions no longer selected are retired
+        afterwards, and their queued requests finish (up to ``drain_grace_seconds``). A version that fails
+        to load never replaces a ready one: the ready one keeps serving and says why in its reason.
+        Raises InvalidInputError (malformed name) or ModelNotFoundError (no such folder).
+        """
+        validate_model_name(name, where)
+        async with self._lock:
+            return await self._reload(name, where)
+
+    async def _reload(self, name: str, where: str) -> ModelEntry:
+        model_dir = self.root / name  # a validated name: one path component, never "..", "/" or "%"
+        old = self._entries.get(name)
+        if not model_dir.is_dir():
+            raise ModelNotFoundError(f"{where}: no model folder named {name!r} in the repository")
+        fingerprint = model_fingerprint(model_dir)
+        on_disk = _version_folders(model_dir)
+        try:
+            cfg = load_config(model_dir)
+        except ModelConfigError as exc:
+            if old is not None and old.latest_ready() is not None:
+                for sm in old.versions.values():
+                    if sm.ready:
+                        sm.reason = self._public(
+                            f"config.json reload failed ({exc}); kept the loaded version"
+                        )
+                old.fingerprint = fingerprint
+                log.error("model %s: config reload failed, still serving the loaded versions: %s", name, exc)
+                return old
+            entry = ModelEntry(
+                name,
+                model_dir,
+                None,
+                error=self._public(f"config: {exc}"),
+                on_disk=on_disk,
+                fingerprint=fingerprint,
+            )
+            self._entries[name] = entry
+            if old is not None:
+                await self._retire(list(old.versions.values()))
+            return entry
+        selected = cfg.version_policy.select(on_disk)
+        versions: dict[int, ServedModel] = {}
+        stamps: dict[int, tuple[int, int] | None] = {}
+        failed: list[int] = []
+        for v in selected:
+            path = model_dir / str(v) / MODEL_FILE
+            stamp = _stamp(path)
+            current = old.versions.get(v) if old is not None else None
+            if (
+                current is not None
+                and current.ready
+                and old is not None
+                and old.config == cfg
+                and old.stamps.get(v) == stamp
+            ):
+                current.reason = ""
+                versions[v], stamps[v] = current, stamp  # unchanged: keeps serving as it is
+                continue
+            candidate = ServedModel(name, v, path, cfg, self.settings, self.metrics)
+            if stamp is None:
+                candidate.fail(self._public(f"no {MODEL_FILE} in {path.parent}"))
+            else:
+                await asyncio.to_thread(candidate.load)
+            if candidate.ready:
+                versions[v], stamps[v] = candidate, stamp
+            elif current is not None and current.ready:
+                current.reason = self._public(f"reload failed ({candidate.reason}); kept the loaded version")
+                versions[v], stamps[v] = current, old.stamps.get(v) if old is not None else None
+                failed.append(v)
+            else:
+                versions[v], stamps[v] = candidate, stamp
+                failed.append(v)
+        # A selected version that failed does not count: keep older ready versions serving in its place.
+        ready = sum(sm.ready for sm in versions.values())
+        if old is not None and ready < len(selected):
+            for v, sm in sorted(old.versions.items(), reverse=True):
+                if ready >= len(selected):
+                    break
+                if sm.ready and v not in versions:
+                    sm.reason = f"kept serving: version(s) {failed} failed to load"
+                    versions[v], stamps[v] = sm, old.stamps.get(v)
+                    ready += 1
+        entry = ModelEntry(
+            name,
+            model_dir,
+            cfg,
+            on_disk=on_disk,
+            fingerprint=fingerprint,
+            versions=dict(sorted(versions.items())),
+            stamps=stamps,
+        )
+        if not selected:
+            entry.error = (
+                f"no version folder selected by the version policy {cfg.version_policy} "
+                f"(numeric folders on disk: {on_disk})"
+            )
+        self._entries[name] = entry
+        kept = {id(sm) for sm in versions.values()}
+        if old is not None:
+            await self._retire([sm for sm in old.versions.values() if id(sm) not in kept])
+        for sm in entry.versions.values():  # the state gauge follows the versions now served
+            sm.listen(self._state_changed)
+        log.info(
+            "model %s reloaded: versions %s",
+            name,
+            {v: sm.state.value for v, sm in entry.versions.items()},
+            extra={"fields": {"event": "model_reloaded", "model": name}},
+        )
+        return entry
+
+    async def _retire(self, versions: list[ServedModel]) -> None:
+        """Unload versions no longer served; their queued requests get the drain grace period."""
+        await asyncio.gather(*(sm.unload(self.settings.drain_grace_seconds) for sm in versions))
+
+    async def unload(self, name: str, version: int = 0, where: str = "model") -> ModelEntry:
+        """Stop serving one version (``version`` > 0) or the whole model; queued requests finish first.
+
+        The model stays unloaded, by polling too, until ``reload`` is asked for it.
+        """
+        entry = self.entry(name, where)
+        if version < 0:
+            raise InvalidInputError(f"version: expected a positive version or 0 for all, got {version}")
+        async with self._lock:
+            targets = [sm for v, sm in entry.versions.items() if version in (0, v)]
+            if version and not targets:
+                raise ModelNotFoundError(
+                    f"model {name!r} has no version {version}; served versions: {sorted(entry.versions)}"
+                )
+            for sm in targets:
+                del entry.versions[sm.version]
+            if not entry.versions:
+                entry.held = True
+                entry.error = "unloaded by a model-control request; LoadModel serves it again"
+            await self._retire(targets)
+        log.info(
+            "model %s: unloaded version(s) %s by request",
+            name,
+            [sm.version for sm in targets],
+            extra={"fields": {"event": "model_unloaded", "model": name}},
+        )
+        return entry
+
+    async def poll(self) -> None:
+        """One pass of repository polling: reload each model folder whose files changed and then held still
+        for one more pass (so a file still being copied is not loaded half-written); new folders load,
+        removed folders are unloaded. Models unloaded by request are left alone."""
+        if not self.root.is_dir():
+            return
+        names = sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and NAME_PATTERN.match(p.name)
+        )
+        for name in names:
+            entry = self._entries.get(name)
+            if entry is not None and entry.held:
+                continue
+            fingerprint = model_fingerprint(self.root / name)
+            if entry is not None and fingerprint == entry.fingerprint:
+                self._settling.pop(name, None)
+                continue
+            if self._settling.get(name) != fingerprint:
+                self._settling[name] = fingerprint
+                continue
+            del self._settling[name]
+            await self.reload(name)
+        for name in sorted(set(self._entries) - set(names)):
+            async with self._lock:
+                entry = self._entries.pop(name)
+                await self._retire(list(entry.versions.values()))
+            log.info(
+                "model %s: folder removed; unloaded",
+                name,
+                extra={"fields": {"event": "model_removed", "model": name}},
+            )
+
+    async def poll_forever(self, interval: float) -> None:
+        """Poll every ``interval`` seconds once the initial load is done; errors are logged, never fatal."""
+        while True:
+            await asyncio.sleep(interval)
+            if not self.loaded:
+                continue
+            try:
+                await self.poll()
+            except Exception:  # a poll that fails must not stop the next one
+                log.exception("repository poll failed")
 
     def _public(self, reason: str) -> str:
         """A load failure reason as clients see it: paths relative to the repository, not the server's."""

@@ -209,6 +209,12 @@ class ServedModel:
         self.state = state
         self._notify()
 
+    def listen(self, on_state: StateListener) -> None:
+        """Report state changes to ``on_state`` from now on, starting with the current state. Hot reload
+        loads a replacement silently and attaches the listener once it actually serves."""
+        self._on_state = on_state
+        self._notify()
+
     def _notify(self) -> None:
         if self._on_state is not None:
             self._on_state(self)

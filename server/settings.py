@@ -64,6 +64,12 @@ class Settings:
     intra_op_threads: int = _s(0, "ONNX Runtime threads inside one operator (0 = ONNX Runtime's default)")
     inter_op_threads: int = _s(0, "ONNX Runtime threads across operators (0 = ONNX Runtime's default)")
     graph_optimization_level: str = _s("all", f"ONNX Runtime graph optimizations: {'|'.join(OPT_LEVELS)}")
+    repository_poll_seconds: float = _s(
+        0.0, "rescan the repository this often; new or changed versions serve without a restart (0 = off)"
+    )
+    allow_model_control: bool = _s(
+        False, "enable the LoadModel/UnloadModel RPCs; needs auth (tokens or mTLS) to start"
+    )
     # Batching defaults (a model's config overrides them)
     max_queue_delay_us: int = _s(0, "default longest wait for a fuller batch, microseconds (0 = never wait)")
     max_queue_size: int = _s(1024, "default bound on queued images per model; past it RESOURCE_EXHAUSTED")
@@ -140,12 +146,20 @@ def _validate(s: Settings) -> None:
         "max_image_pixels",
     )
     problems += [f"{n} must be >= 1, got {getattr(s, n)}" for n in positive if getattr(s, n) < 1]
-    non_negative = ("intra_op_threads", "inter_op_threads", "max_queue_delay_us", "drain_grace_seconds")
+    non_negative = (
+        "intra_op_threads",
+        "inter_op_threads",
+        "max_queue_delay_us",
+        "drain_grace_seconds",
+        "repository_poll_seconds",
+    )
     problems += [f"{n} must be >= 0, got {getattr(s, n)}" for n in non_negative if getattr(s, n) < 0]
     if bool(s.tls_cert) != bool(s.tls_key):
         problems.append("tls_cert and tls_key must be given together")
     if s.tls_client_ca and not s.tls_cert:
         problems.append("tls_client_ca (mTLS) needs tls_cert and tls_key")
+    if s.allow_model_control and not (s.auth_token_file or s.auth_tokens or s.tls_client_ca):
+        problems.append("allow_model_control needs auth: set auth_token_file, auth_tokens or tls_client_ca")
     if not s.allowed_image_formats:
         problems.append("allowed_image_formats must name at least one format")
     if problems:

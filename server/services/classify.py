@@ -9,7 +9,7 @@ import numpy as np
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc as pb_grpc
 
-from ..errors import DrainingError, InvalidInputError, ModelNotFoundError
+from ..errors import DrainingError, InvalidInputError, ModelNotFoundError, PermissionDeniedError
 from ..health import Health
 from ..interceptors import current_call, error_status, require_message
 from ..metrics import Metrics
@@ -204,6 +204,28 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             ),
             architecture=cfg.architecture,
         )
+
+    async def LoadModel(
+        self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadModelResponse:
+        self._check_model_control()
+        current_call().model = request.model
+        entry = await self.repository.reload(request.model)
+        return pb.LoadModelResponse(model=pb.ModelSummary(name=entry.name, versions=_versions(entry)))
+
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadModelResponse:
+        self._check_model_control()
+        current_call().model = request.model
+        entry = await self.repository.unload(request.model, request.version)
+        return pb.UnloadModelResponse(model=pb.ModelSummary(name=entry.name, versions=_versions(entry)))
+
+    def _check_model_control(self) -> None:
+        if not self.settings.allow_model_control:
+            raise PermissionDeniedError(
+                "model control is off on this server; start it with --allow-model-control (which needs auth)"
+            )
 
 
 def _versions(entry: ModelEntry) -> list[pb.VersionStatus]:

@@ -212,12 +212,17 @@ def _batch_count(handle: Any, model: str) -> float:
     )
 
 
-def _wait_in_flight(handle: Any, model: str, timeout: float = 10.0) -> None:
+def _dequeued(handle: Any, model: str) -> float:
+    labels = {"model": model, "version": "1"}
+    return handle.registry.get_sample_value("convserve_queue_wait_seconds_count", labels) or 0.0
+
+
+def _wait_running(handle: Any, model: str, dequeued_before: float, timeout: float = 10.0) -> None:
+    """Wait until the worker has taken one more request off the queue, i.e. it is now running."""
     deadline = time.monotonic() + timeout
-    labels = {"model": model, "version": "1", "api": "classify"}
-    while (handle.registry.get_sample_value("convserve_inflight_requests", labels) or 0) < 1:
+    while _dequeued(handle, model) < dequeued_before + 1:
         if time.monotonic() > deadline:
-            raise TimeoutError("request A never became in flight")
+            raise TimeoutError("request A never left the queue")
         time.sleep(0.002)
 
 
@@ -229,11 +234,12 @@ def test_deadline_honoured_and_expired_request_never_runs(server: Any) -> None:
         stub = classifier_pb2_grpc.ClassifierStub(ch)
         stub.Classify(pb.ClassifyRequest(model="slow", images=[_tensor(small)]), timeout=30)  # warm up
         before = _batch_count(server, "slow")
+        dequeued = _dequeued(server, "slow")
         with ThreadPoolExecutor(1) as pool:
             a = pool.submit(
                 stub.Classify, pb.ClassifyRequest(model="slow", images=[_tensor(big)]), timeout=30
             )
-            _wait_in_flight(server, "slow")  # A has reached the model's queue before B is sent
+            _wait_running(server, "slow", dequeued)  # A occupies the only instance before B is sent
             with pytest.raises(grpc.RpcError) as err:
                 stub.Classify(pb.ClassifyRequest(model="slow", images=[_tensor(small)]), timeout=0.05)
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -55,6 +55,16 @@ class ClassifierStub:
                 request_serializer=convserve_dot_v1_dot_classifier__pb2.DescribeModelRequest.SerializeToString,
                 response_deserializer=convserve_dot_v1_dot_classifier__pb2.ModelDescription.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/convserve.v1.Classifier/LoadModel',
+                request_serializer=convserve_dot_v1_dot_classifier__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=convserve_dot_v1_dot_classifier__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/convserve.v1.Classifier/UnloadModel',
+                request_serializer=convserve_dot_v1_dot_classifier__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=convserve_dot_v1_dot_classifier__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class ClassifierServicer:
@@ -90,6 +100,20 @@ class ClassifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadModel(self, request, context):
+        """Model control (off unless the server runs with --allow-model-control, and then behind auth):
+        re-read a model's folder and serve the versions its policy selects, or stop serving it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClassifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +136,16 @@ def add_ClassifierServicer_to_server(servicer, server):
                     servicer.DescribeModel,
                     request_deserializer=convserve_dot_v1_dot_classifier__pb2.DescribeModelRequest.FromString,
                     response_serializer=convserve_dot_v1_dot_classifier__pb2.ModelDescription.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=convserve_dot_v1_dot_classifier__pb2.LoadModelRequest.FromString,
+                    response_serializer=convserve_dot_v1_dot_classifier__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=convserve_dot_v1_dot_classifier__pb2.UnloadModelRequest.FromString,
+                    response_serializer=convserve_dot_v1_dot_classifier__pb2.UnloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +257,60 @@ class Classifier:
             '/convserve.v1.Classifier/DescribeModel',
             convserve_dot_v1_dot_classifier__pb2.DescribeModelRequest.SerializeToString,
             convserve_dot_v1_dot_classifier__pb2.ModelDescription.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/convserve.v1.Classifier/LoadModel',
+            convserve_dot_v1_dot_classifier__pb2.LoadModelRequest.SerializeToString,
+            convserve_dot_v1_dot_classifier__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/convserve.v1.Classifier/UnloadModel',
+            convserve_dot_v1_dot_classifier__pb2.UnloadModelRequest.SerializeToString,
+            convserve_dot_v1_dot_classifier__pb2.UnloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
