@@ -66,8 +66,9 @@ class RetryPolicy:
     max_backoff_s: float = 2.0
     multiplier: float = 2.0
     budget_s: float = 15.0  # total time from the first attempt after which no new attempt starts
+    # CANCELLED: only as sent by a server shutting down, for calls it had not started (see retryable).
     retry_on: frozenset[grpc.StatusCode] = frozenset(
-        {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+        {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED})
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1 or self.initial_backoff_s < 0 or self.multiplier < 1 or self.budget_s < 0:
@@ -303,8 +304,16 @@ def remaining(deadline: float, now: Callable[[], float] = time.monotonic) -> flo
 _SIZE_LIMIT_DETAILS = ("larger than max",)
 
 
+# When a server shuts down, grpc core cancels the calls that reached it but had not started: the client sees
+# CANCELLED with exactly this text, and the call never ran. A call cancelled on this side says so
+# ("Locally cancelled by application!", "Channel closed!") and is never retried.
+_SERVER_CANCELLED_DETAILS = "CANCELLED"
+
+
 def retryable(error: ConvserveError, policy: RetryPolicy) -> bool:
     if error.code not in policy.retry_on:
+        return False
+    if error.code == grpc.StatusCode.CANCELLED and error.details != _SERVER_CANCELLED_DETAILS:
         return False
     return not any(words in error.details for words in _SIZE_LIMIT_DETAILS)
 

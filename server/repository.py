@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError
+from .errors import ConvserveServerError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from .metrics import Metrics
 from .model_config import CONFIG_FILE, MODEL_FILE, NAME_PATTERN, ModelConfig, ModelConfigError, load_config
 from .served_model import ModelState, ServedModel
@@ -369,11 +369,16 @@ class ModelRepository:
                 self._settling[name] = fingerprint
                 continue
             del self._settling[name]
-            await self.reload(name)
+            try:
+                await self.reload(name)
+            except ConvserveServerError as exc:  # e.g. the folder vanished meanwhile; the others go on
+                log.warning("model %s: reload skipped: %s", name, exc)
         for name in sorted(set(self._entries) - set(names)):
             async with self._lock:
-                entry = self._entries.pop(name)
-                await self._retire(list(entry.versions.values()))
+                gone = self._entries.pop(name, None)
+                if gone is None:
+                    continue
+                await self._retire(list(gone.versions.values()))
             log.info(
                 "model %s: folder removed; unloaded",
                 name,

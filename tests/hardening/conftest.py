@@ -1,0 +1,350 @@
+"""Hardening fixtures: a small model repository, real server subprocesses, stubs, references, TLS material.
+
+- ``model_writer`` (session): writes a model folder (config.json + ONNX versions) into a repository.
+- ``hardening_repository`` (session): ``gray`` (1x8x8, 4 classes, versions 1 and 2 served) and ``slow``
+  (3x48x48, ~5-10 ms per image, batching off, one instance: keeps requests in flight for drain/crash tests).
+- ``spawn_server`` (function): ``spawn_server(repo, *flags, grpc_port=0) -> ServerProcess``: ``python -m
+  convserve.server`` on 127.0.0.1 with ``--port-file``; waits for the file and for health SERVING against a
+  deadline; every process is terminated, then killed, at teardown.
+- ``tls_material`` (session): a CA, a server certificate (SAN 127.0.0.1, localhost), a client certificate
+  signed by the CA and one signed by another CA, made with the ``openssl`` CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+GRAY_LABELS = [f"class_{i}" for i in range(4)]
+
+
+def write_model(
+    repo: Path,
+    name: str,
+    versions: dict[int, dict[str, Any]],
+    make_model: Callable[..., Path],
+    *,
+    channels: int = 1,
+    size: int = 8,
+    classes: int = 4,
+    **config: Any,
+) -> None:
+    """One model folder: config.json (the repository's format) plus an ONNX file per version."""
+    cfg: dict[str, Any] = {
+        "name": name,
+        "input": {"name": "input", "dtype": "float32", "shape": [channels, size, size], "layout": "NCHW"},
+        "output": {"name": "logits", "kind": "logits"},
+        "preprocessing": {
+            "color_mode": "L" if channels == 1 else "RGB",
+            "resize": [size, size],
+            "mean": [0.5] * channels,
+            "std": [0.25] * channels,
+        },
+        "labels": [f"class_{i}" for i in range(classes)],
+        "max_batch_size": 16,
+        **config,
+    }
+    (repo / name).mkdir(parents=True, exist_ok=True)
+    (repo / name / "config.json").write_text(json.dumps(cfg))
+    for version, kwargs in versions.items():
+        make_model(
+            repo / name / str(version) / "model.onnx", channels=channels, size=size, classes=classes, **kwargs
+        )
+
+
+@pytest.fixture(scope="session")
+def hardening_repository(tmp_path_factory: pytest.TempPathFactory, make_model: Callable[..., Path]) -> Path:
+    repo = tmp_path_factory.mktemp("hardening_repository")
+    write_model(repo, "gray", {1: {"seed": 1}, 2: {"seed": 2}}, make_model, version_policy={"latest": 2})
+    write_model(
+        repo,
+        "slow",
+        {1: {"seed": 13, "filters": 32, "depth": 3}},
+        make_model,
+        channels=3,
+        size=48,
+        batching={"enabled": False, "instances": 1},
+        max_batch_size=64,
+    )
+    return repo
+
+
+@pytest.fixture(scope="session")
+def model_writer(make_model: Callable[..., Path]) -> Callable[..., None]:
+    """``model_writer(repo, name, {version: model kwargs}, channels=1, size=8, classes=4, **config)``."""
+
+    def write(repo: Path, name: str, versions: dict[int, dict[str, Any]], **kwargs: Any) -> None:
+        write_model(repo, name, versions, make_model, **kwargs)
+
+    return write
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def normalized(pixels: np.ndarray, mean: float = 0.5, std: float = 0.25) -> np.ndarray:
+    """What the documented preprocessing gives for already-sized uint8 pixels: (x/255 - mean) / std."""
+    return ((pixels.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+
+
+# ---- server subprocesses ----------------------------------------
+
+
+@dataclass
+class ServerProcess:
+    """A ``python -m convserve.server`` child process and the ports it reported."""
+
+    proc: subprocess.Popen[bytes]
+    port_file: Path
+    log_path: Path
+    grpc_port: int = 0
+    metrics_port: int | None = None
+    _log: Any = field(default=None, repr=False)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, then SIGKILL past ``timeout``; the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.proc.returncode
+
+
+def wait_for_port_file(proc: subprocess.Popen[bytes], path: Path, deadline: float) -> dict[str, Any]:
+    while time.monotonic() < deadline:
+        if path.exists():
+            return json.loads(path.read_text())
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before writing {path}")
+        time.sleep(0.05)
+    raise TimeoutError(f"no port file {path} in time")
+
+
+def wait_serving(
+    address: str,
+    deadline: float,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: list[tuple[str, Any]] | None = None,
+) -> None:
+    """Poll the standard health service until it says SERVING (against a monotonic deadline)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    opts = options or []
+    channel = (
+        grpc.secure_channel(address, credentials, opts)
+        if credentials is not None
+        else grpc.insecure_channel(address, opts)
+    )
+    with channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{address} not SERVING in time")
+            try:
+                reply = stub.Check(
+                    health_pb2.HealthCheckRequest(), timeout=min(left, 2.0), wait_for_ready=True
+                )
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+
+
+def start_server_process(
+    repo: Path,
+    workdir: Path,
+    *flags: str,
+    grpc_port: int = 0,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+    timeout: float = 60.0,
+    credentials: grpc.ChannelCredentials | None = None,
+    channel_options: list[tuple[str, Any]] | None = None,
+) -> ServerProcess:
+    """Start a server child process on 127.0.0.1 and wait until it reports its ports (and SERVING)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    stamp = f"{time.monotonic_ns()}"
+    port_file = workdir / f"ports-{stamp}.json"
+    log_path = workdir / f"server-{stamp}.log"
+    log = log_path.open("wb")
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}
+    child_env.update(env or {})
+    cmd = [
+        sys.executable,
+        "-m",
+        "convserve.server",
+        "--host",
+        "127.0.0.1",
+        "--grpc-port",
+        str(grpc_port),
+        "--metrics-port",
+        "0",
+        "--port-file",
+        str(port_file),
+        "--model-repository",
+        str(repo),
+        *flags,
+    ]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env)
+    sp = ServerProcess(proc, port_file, log_path, _log=log)
+    deadline = time.monotonic() + timeout
+    try:
+        ports = wait_for_port_file(proc, port_file, deadline)
+        sp.grpc_port, sp.metrics_port = int(ports["grpc_port"]), ports.get("metrics_port")
+        if wait:
+            wait_serving(sp.address, deadline, credentials, channel_options)
+    except BaseException:
+        sp.stop(5)
+        raise RuntimeError(f"server did not start: {sp.log_text()[-3000:]}") from None
+    return sp
+
+
+@pytest.fixture
+def spawn_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    started: list[ServerProcess] = []
+
+    def spawn(repo: Path, *flags: str, **kwargs: Any) -> ServerProcess:
+        sp = start_server_process(repo, tmp_path / "servers", *flags, **kwargs)
+        started.append(sp)
+        return sp
+
+    try:
+        yield spawn
+    finally:
+        for sp in started:
+            sp.stop(10)
+
+
+# ---- TLS material ----------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_cert: Path  # signed by a CA the server does not trust
+    rogue_key: Path
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _issue(d: Path, name: str, ca: str, subject: str, ext: str) -> None:
+    _openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-subj",
+        subject,
+        "-out",
+        f"{name}.csr",
+        cwd=d,
+    )
+    (d / f"{name}.ext").write_text(ext)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        f"{ca}.crt",
+        "-CAkey",
+        f"{ca}.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-sha256",
+        "-extfile",
+        f"{name}.ext",
+        "-out",
+        f"{name}.crt",
+        cwd=d,
+    )
+
+
+@pytest.fixture(scope="session")
+def tls_material(tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make test certificates (apt-get install openssl)")
+    d = tmp_path_factory.mktemp("tls")
+    for ca in ("ca", "rogue_ca"):
+        _openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            f"{ca}.key",
+            "-out",
+            f"{ca}.crt",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN=convserve test {ca}",
+            cwd=d,
+        )
+    _issue(
+        d,
+        "server",
+        "ca",
+        "/CN=localhost",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )
+    _issue(d, "client", "ca", "/CN=convserve test client", "extendedKeyUsage=clientAuth\n")
+    _issue(d, "rogue", "rogue_ca", "/CN=convserve rogue client", "extendedKeyUsage=clientAuth\n")
+    return TlsMaterial(
+        d / "ca.crt",
+        d / "server.crt",
+        d / "server.key",
+        d / "client.crt",
+        d / "client.key",
+        d / "rogue.crt",
+        d / "rogue.key",
+    )
