@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import abc
 import math
 import os
 import random
@@ -362,7 +363,7 @@ def first_failure(policy: RetryPolicy, deadline: float, started: float) -> Sched
 
 # --- shared client state ----------------------------------------------------------------------------------
 
-class ClientBase:
+class ClientBase(abc.ABC):
     """Settings both twins share; the twins add the channel and the calls.
 
     ``target`` defaults to ``$CONVSERVE_SERVER`` or 127.0.0.1:8001; ``model`` to the server's only
@@ -402,9 +403,9 @@ class ClientBase:
         self._options = channel_options(max_message_bytes, keepalive_s, tls_server_name, options)
         self._open()
 
+    @abc.abstractmethod
     def _open(self) -> None:
         """Create the channel (the sync twin at once; the async twin on first use, inside its loop)."""
-        raise NotImplementedError
 
     def _new_channel(self, api: Any) -> Any:
         """A channel from ``grpc`` or ``grpc.aio``, which share these two constructors."""
