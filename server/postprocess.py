@@ -50,4 +50,5 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
         idx = np.take_along_axis(part, order, axis=1)
     idx = idx[:, :k]
-    return idx, np.take_along_axis(scores, idx, axis=1)
+    # Fancy indexing instead of take_along_axis: same result, several µs less per call on small arrays.
+    return idx, scores[np.arange(len(idx))[:, None], idx]
