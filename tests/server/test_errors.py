@@ -227,8 +227,8 @@ def _wait_running(handle: Any, model: str, dequeued_before: float, timeout: floa
 
 
 def test_deadline_honoured_and_expired_request_never_runs(server: Any) -> None:
-    """Request A occupies the one instance of 'slow'; B's 50 ms deadline passes in the queue: never run."""
-    big = np.random.default_rng(1).normal(size=(48, 3, 48, 48)).astype(np.float32)
+    """Request A occupies the one instance of 'slow'; B's 20 ms deadline passes in the queue: never run."""
+    big = np.random.default_rng(1).normal(size=(64, 3, 48, 48)).astype(np.float32)
     small = big[:1]
     with grpc.insecure_channel(server.address) as ch:
         stub = classifier_pb2_grpc.ClassifierStub(ch)
@@ -241,9 +241,9 @@ def test_deadline_honoured_and_expired_request_never_runs(server: Any) -> None:
             )
             _wait_running(server, "slow", dequeued)  # A occupies the only instance before B is sent
             with pytest.raises(grpc.RpcError) as err:
-                stub.Classify(pb.ClassifyRequest(model="slow", images=[_tensor(small)]), timeout=0.05)
+                stub.Classify(pb.ClassifyRequest(model="slow", images=[_tensor(small)]), timeout=0.02)
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert len(a.result(timeout=30).results) == 48
+            assert len(a.result(timeout=30).results) == 64
         # The run count is recorded before A's answer is sent: only A ran, B was dropped from the queue.
         assert _batch_count(server, "slow") - before == 1
         assert stub.Classify(pb.ClassifyRequest(model="slow", images=[_tensor(small)]), timeout=30).results

@@ -48,7 +48,7 @@ def test_provider_fallback_and_graceful_sigterm(
     assert len(warnings) == 1, server.log()
     assert "cuda, tensorrt" in warnings[0] and "falling back to CPUExecutionProvider" in warnings[0]
 
-    x = np.random.default_rng(0).normal(size=(32, 3, 48, 48)).astype(np.float32)
+    x = np.random.default_rng(0).normal(size=(64, 3, 48, 48)).astype(np.float32)
     request = pb.ClassifyRequest(
         model="slow",
         top_k=1,
@@ -64,9 +64,10 @@ def test_provider_fallback_and_graceful_sigterm(
         assert described.execution_provider == "CPUExecutionProvider"
         assert described.versions[0].execution_provider == "CPUExecutionProvider"
 
-        # Four 32-image requests queue behind each other on the model's single instance.
+        # Four 64-image requests queue behind each other on the model's single instance; SIGTERM
+        # arrives while at least two are still in flight (on a fast machine the first may be done).
         calls = [stub.Classify.future(request, timeout=60) for _ in range(4)]
-        _wait(lambda: _in_flight(server.metrics_port, "slow") == 4, "4 requests in flight")
+        _wait(lambda: _in_flight(server.metrics_port, "slow") >= 2, "2 requests in flight")
         server.proc.send_signal(signal.SIGTERM)
         _wait(
             lambda: (
