@@ -1,6 +1,6 @@
 """The documented SDK examples run, as written, against a live server, so they never rot.
 
-The examples live in README.md's "## Python SDK" section when it has one, else in docs/SDK.md.
+The examples live in README.md's "## Python SDK" section.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ DOCUMENTED_ADDRESS = "127.0.0.1:8001"
 
 
 def sdk_section() -> tuple[Path, str]:
-    for path in (ROOT / "README.md", ROOT / "docs" / "SDK.md"):
+    for path in (ROOT / "README.md",):
         text = path.read_text(encoding="utf-8") if path.exists() else ""
         start = text.find(f"\n{SECTION}\n")
         if start >= 0:
             end = text.find("\n## ", start + len(SECTION) + 2)
             return path, text[start:] if end < 0 else text[start:end]
-    raise AssertionError(f"no {SECTION!r} section in README.md or docs/SDK.md")
+    raise AssertionError(f"no {SECTION!r} section in README.md")
 
 
 def python_blocks() -> list[str]:
