@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Debian packages the tests drive for real: Prometheus (metrics checks) and nginx (gRPC load balancer).
+# Debian packages the tests drive for real: Prometheus (metrics checks), nginx (gRPC load balancer)
+# and openssl (test certificates for TLS/mTLS).
 # Idempotent: installs only what is missing. Needs root (or sudo).
 set -euo pipefail
 need=()
 command -v prometheus >/dev/null 2>&1 || [ -x /usr/bin/prometheus ] || need+=(prometheus)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 [ ${#need[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "install_system_deps: apt-get not found; install ${need[*]} with your package manager" >&2
