@@ -112,6 +112,20 @@ class AsyncClient(core.ClientBase):
         request = core.describe_request(await self._model_name(name), version)
         return core.parse_description(await self._call(self._stub.DescribeModel, request, timeout))
 
+    async def load_model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
+        """(Re)load a model from the server's repository; needs ``--allow-model-control`` and auth.
+
+        New versions load before old ones retire, so the model keeps answering. Not retried.
+        """
+        request = pb.LoadModelRequest(model=name)
+        return core.parse_control(await self._call(self._stub.LoadModel, request, timeout, retry=False))
+
+    async def unload_model(self, name: str, *, version: int | None = None,
+                     timeout: float | None = None) -> ModelInfo:
+        """Stop serving one version, or the whole model (until ``load_model``). Not retried."""
+        request = core.unload_request(name, version)
+        return core.parse_control(await self._call(self._stub.UnloadModel, request, timeout, retry=False))
+
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The standard gRPC health status of the server ("") or one service: ``SERVING``, ``NOT_SERVING``...
 
@@ -167,8 +181,9 @@ class AsyncClient(core.ClientBase):
             self._model = core.default_model(reply)
         return self._model
 
-    async def _call(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
-        """One unary call under the deadline, with the metadata, retried on the schedule."""
+    async def _call(self, method: Callable[..., Any], request: Any, timeout: float | None, *,
+                    retry: bool = True) -> Any:
+        """One unary call under the deadline, with the metadata, retried on the schedule (if ``retry``)."""
         started = time.monotonic()
         deadline = self._deadline(timeout)
         schedule = None
@@ -177,6 +192,8 @@ class AsyncClient(core.ClientBase):
                 with core.translate_errors():
                     return await method(request, timeout=core.remaining(deadline), metadata=self._metadata)
             except ConvserveError as error:
+                if not retry:
+                    raise
                 schedule = schedule or core.first_failure(self.retry, deadline, started)
                 delay = core.next_delay(schedule, error)
                 if delay is None:

@@ -228,6 +228,15 @@ def parse_models(reply: pb.ListModelsResponse) -> list[ModelInfo]:
     return [ModelInfo(m.name, _versions(m.versions)) for m in reply.models]
 
 
+def unload_request(model: str, version: int | None) -> pb.UnloadModelRequest:
+    return pb.UnloadModelRequest(model=model, version=_version(version))
+
+
+def parse_control(reply: pb.LoadModelResponse | pb.UnloadModelResponse) -> ModelInfo:
+    """A model-control reply: the model's versions after the load or unload."""
+    return ModelInfo(reply.model.name, _versions(reply.model.versions))
+
+
 def parse_description(reply: pb.ModelDescription) -> ModelMetadata:
     spec = reply.input
     batching = reply.batching if reply.HasField("batching") else None

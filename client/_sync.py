@@ -112,6 +112,20 @@ class Client(core.ClientBase):
         request = core.describe_request(self._model_name(name), version)
         return core.parse_description(self._call(self._stub.DescribeModel, request, timeout))
 
+    def load_model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
+        """(Re)load a model from the server's repository; needs ``--allow-model-control`` and auth.
+
+        New versions load before old ones retire, so the model keeps answering. Not retried.
+        """
+        request = pb.LoadModelRequest(model=name)
+        return core.parse_control(self._call(self._stub.LoadModel, request, timeout, retry=False))
+
+    def unload_model(self, name: str, *, version: int | None = None,
+                     timeout: float | None = None) -> ModelInfo:
+        """Stop serving one version, or the whole model (until ``load_model``). Not retried."""
+        request = core.unload_request(name, version)
+        return core.parse_control(self._call(self._stub.UnloadModel, request, timeout, retry=False))
+
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The standard gRPC health status of the server ("") or one service: ``SERVING``, ``NOT_SERVING``...
 
@@ -165,8 +179,9 @@ class Client(core.ClientBase):
             self._model = core.default_model(self._call(self._stub.ListModels, pb.ListModelsRequest(), None))
         return self._model
 
-    def _call(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
-        """One unary call under the deadline, with the metadata, retried on the schedule."""
+    def _call(self, method: Callable[..., T], request: Any, timeout: float | None, *,
+              retry: bool = True) -> T:
+        """One unary call under the deadline, with the metadata, retried on the schedule (if ``retry``)."""
         started = time.monotonic()
         deadline = self._deadline(timeout)
         schedule = None
@@ -175,6 +190,8 @@ class Client(core.ClientBase):
                 with core.translate_errors():
                     return method(request, timeout=core.remaining(deadline), metadata=self._metadata)
             except ConvserveError as error:
+                if not retry:
+                    raise
                 schedule = schedule or core.first_failure(self.retry, deadline, started)
                 delay = core.next_delay(schedule, error)
                 if delay is None:

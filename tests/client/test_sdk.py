@@ -21,6 +21,7 @@ from convserve.client import (
     DeadlineExceededError,
     InvalidInputError,
     ModelNotFoundError,
+    PermissionDeniedError,
     RetryPolicy,
     ServerBusyError,
     ServerUnavailableError,
@@ -356,3 +357,19 @@ def test_context_managers_close_the_channel(server: Any) -> None:
 async def _agen(n: int) -> Any:
     for seed in range(n):
         yield digit_pixels(seed)
+
+
+def test_model_control_unloads_and_reloads(twin: Any, small_server: Any, reference: Any) -> None:
+    """load_model / unload_model drive the model-control RPCs; they are refused while control is off."""
+    with pytest.raises(PermissionDeniedError) as info:
+        twin(small_server().address, model=GRAY).unload_model(GRAY)
+    assert "allow-model-control" in info.value.details
+    controlled = small_server(allow_model_control=True, auth_tokens=("ctl-token",))
+    client = twin(controlled.address, model=GRAY, token="ctl-token", retry=FAST_RETRY)
+    unloaded = client.unload_model(GRAY)
+    assert unloaded.name == GRAY and not any(v.state == "ready" for v in unloaded.versions)
+    with pytest.raises(ServerUnavailableError, match="unloaded by a model-control request"):
+        client.classify(digit_pixels(0))
+    loaded = client.load_model(GRAY)
+    assert any(v.state == "ready" for v in loaded.versions)
+    still_serves(client, reference)
