@@ -9,16 +9,16 @@ import numpy as np
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc as pb_grpc
 
-from ..errors import DrainingError, InvalidInputError, ModelNotFoundError, PermissionDeniedError
+from ..errors import InvalidInputError, ModelNotFoundError, PermissionDeniedError
 from ..health import Health
-from ..interceptors import current_call, error_status, require_message
+from ..interceptors import current_call
 from ..metrics import Metrics
 from ..postprocess import probabilities, resolve_top_k, top_k
 from ..preprocess import stack, tensor_to_array
 from ..repository import ModelEntry, ModelRepository
 from ..served_model import ModelState, ServedModel
 from ..settings import Settings
-from .common import check_count, deadline_of, decode_all, image_limits, lookup, observed, ordered_pipeline
+from .common import check_count, deadline_of, decode_all, image_limits, lookup, observed, stream_replies
 
 API = "classify"
 SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"]
@@ -60,22 +60,20 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         deadline = deadline_of(context)
         call = current_call()
 
-        async def one(request: pb.ClassifyRequest) -> pb.ClassifyStreamResponse:
-            try:
-                require_message(request)
-                if self.health.draining:
-                    raise DrainingError("server is shutting down; this stream accepts no new requests")
-                response = await self._classify(request, deadline)
-                return pb.ClassifyStreamResponse(response=response, request_id=response.request_id)
-            except Exception as exc:  # reported in the stream; the stream goes on
-                code, message = error_status(exc, call)
-                return pb.ClassifyStreamResponse(
-                    error_code=code.value[0],
-                    error_message=message,
-                    request_id=getattr(request, "request_id", "") or call.request_id,
-                )
+        async def handle(request: pb.ClassifyRequest) -> pb.ClassifyStreamResponse:
+            response = await self._classify(request, deadline)
+            return pb.ClassifyStreamResponse(response=response, request_id=response.request_id)
 
-        async for reply in ordered_pipeline(request_iterator, one):
+        def reply_error(
+            request: pb.ClassifyRequest, code: grpc.StatusCode, message: str
+        ) -> pb.ClassifyStreamResponse:
+            return pb.ClassifyStreamResponse(
+                error_code=code.value[0],
+                error_message=message,
+                request_id=getattr(request, "request_id", "") or call.request_id,
+            )
+
+        async for reply in stream_replies(request_iterator, self.health, handle, reply_error):
             yield reply
 
     async def _classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:

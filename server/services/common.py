@@ -11,7 +11,9 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from ..errors import ConvserveServerError, TooManyImagesError
+from ..errors import ConvserveServerError, DrainingError, TooManyImagesError
+from ..health import Health
+from ..interceptors import current_call, error_status, require_message
 from ..metrics import Metrics
 from ..preprocess import ImageLimits, decode_image
 from ..repository import ModelRepository
@@ -123,3 +125,27 @@ async def ordered_pipeline(
             leftover = queue.get_nowait()
             if leftover is not None:
                 leftover.cancel()
+
+
+async def stream_replies(
+    requests: AsyncIterable[Req],
+    health: Health,
+    handle: Callable[[Req], Awaitable[Resp]],
+    reply_error: Callable[[Req, grpc.StatusCode, str], Resp],
+) -> AsyncIterator[Resp]:
+    """The servicers' streaming RPCs: each message gets ``handle``'s reply, or ``reply_error``'s for its
+    failure, in request order; a failed message (or a drain) never ends the stream."""
+    call = current_call()
+
+    async def one(request: Req) -> Resp:
+        try:
+            require_message(request)
+            if health.draining:
+                raise DrainingError("server is shutting down; this stream accepts no new requests")
+            return await handle(request)
+        except Exception as exc:  # reported in the stream; the stream goes on
+            code, message = error_status(exc, call)
+            return reply_error(request, code, message)
+
+    async for reply in ordered_pipeline(requests, one):
+        yield reply

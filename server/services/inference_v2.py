@@ -19,9 +19,9 @@ import numpy as np
 from convserve.protos.inference import grpc_service_pb2 as pb
 from convserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
-from ..errors import DrainingError, InvalidInputError, ModelNotReadyError
+from ..errors import InvalidInputError, ModelNotReadyError
 from ..health import Health
-from ..interceptors import current_call, error_status, require_message
+from ..interceptors import current_call
 from ..metrics import Metrics
 from ..model_config import ModelConfig
 from ..postprocess import probabilities, resolve_top_k, top_k
@@ -29,7 +29,7 @@ from ..preprocess import stack, tensor_to_array
 from ..repository import ModelRepository, parse_version
 from ..served_model import ServedModel
 from ..settings import Settings
-from .common import check_count, deadline_of, decode_all, image_limits, lookup, observed, ordered_pipeline
+from .common import check_count, deadline_of, decode_all, image_limits, lookup, observed, stream_replies
 
 API = "v2"
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -124,24 +124,21 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         deadline = deadline_of(context)
-        call = current_call()
 
-        async def one(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
-            try:
-                require_message(request)
-                if self.health.draining:
-                    raise DrainingError("server is shutting down; this stream accepts no new requests")
-                return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
-            except Exception as exc:  # reported in the stream; the stream goes on
-                code, message = error_status(exc, call)
-                return pb.ModelStreamInferResponse(
-                    error_message=f"{code.name}: {message}",
-                    infer_response=pb.ModelInferResponse(
-                        model_name=getattr(request, "model_name", ""), id=getattr(request, "id", "")
-                    ),
-                )
+        async def handle(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
 
-        async for reply in ordered_pipeline(request_iterator, one):
+        def reply_error(
+            request: pb.ModelInferRequest, code: grpc.StatusCode, message: str
+        ) -> pb.ModelStreamInferResponse:
+            return pb.ModelStreamInferResponse(
+                error_message=f"{code.name}: {message}",
+                infer_response=pb.ModelInferResponse(
+                    model_name=getattr(request, "model_name", ""), id=getattr(request, "id", "")
+                ),
+            )
+
+        async for reply in stream_replies(request_iterator, self.health, handle, reply_error):
             yield reply
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
