@@ -8,8 +8,8 @@ below); this test process only compares what the driver saw with ONNX Runtime ru
 from __future__ import annotations
 
 import importlib.util
-import os
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
