@@ -25,6 +25,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from convserve.server.app import loopback_command
 from convserve.server.model_config import load_config
 
 from . import models
@@ -123,9 +124,8 @@ def _wait_serving(target: str, deadline: float) -> None:
 
 def convserve_server(repository: Path, work: Path, metrics: bool) -> contextlib.AbstractContextManager[str]:
     port_file = work / f"convserve-{'m' if metrics else 'nm'}-{time.monotonic_ns()}.json"
-    cmd = [sys.executable, "-m", "convserve.server", "--host", "127.0.0.1", "--grpc-port", "0",
-           "--model-repository", str(repository), "--port-file", str(port_file),
-           "--metrics-port", "0" if metrics else "-1", "--log-level", "WARNING"]
+    cmd = loopback_command(port_file, "--model-repository", str(repository), "--log-level", "WARNING",
+                           metrics_port=0 if metrics else -1)
     return _process(cmd, port_file, work / "servers.log")
 
 

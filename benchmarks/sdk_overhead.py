@@ -34,6 +34,7 @@ from convserve.client import AsyncClient, Client
 from convserve.client.inputs import encode_png
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc as pb_grpc
+from convserve.server.app import child_env, loopback_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,10 +45,9 @@ def server_process(repository: Path, start_timeout: float = 120.0) -> Iterator[s
     with tempfile.TemporaryDirectory() as tmp:
         port_file = Path(tmp) / "ports.json"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "convserve.server", "--host", "127.0.0.1", "--grpc-port", "0",
-             "--metrics-port", "-1", "--port-file", str(port_file), "--model-repository", str(repository),
-             "--log-level", "WARNING"],
-            env={k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")})
+            loopback_command(port_file, "--model-repository", str(repository), "--log-level", "WARNING",
+                             metrics_port=-1),
+            env=child_env())
         try:
             deadline = time.monotonic() + start_timeout
             while not port_file.exists():

@@ -37,6 +37,7 @@ import grpc
 import numpy as np
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.inference import grpc_service_pb2 as v2pb
+from convserve.server.app import child_env, loopback_command
 
 CLASSIFY = "/convserve.v1.Classifier/Classify"
 STREAM = "/convserve.v1.Classifier/ClassifyStream"
@@ -261,27 +262,10 @@ def start_server(
 ) -> tuple[subprocess.Popen[bytes], int, int]:
     """``python -m convserve.server`` on loopback ephemeral ports; (process, grpc port, metrics port)."""
     port_file = work / "ports.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}
     # Failed requests log at WARNING: a soak sends thousands on purpose, so only errors are logged.
-    cmd = [
-        sys.executable,
-        "-m",
-        "convserve.server",
-        "--host",
-        "127.0.0.1",
-        "--grpc-port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--port-file",
-        str(port_file),
-        "--model-repository",
-        str(repository),
-        "--log-level",
-        "ERROR",
-    ]
+    cmd = loopback_command(port_file, "--model-repository", str(repository), "--log-level", "ERROR")
     log = (work / "server.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=REPO_ROOT)
     deadline = time.monotonic() + timeout
     while not port_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -35,6 +35,7 @@ from typing import Any
 
 import grpc
 import yaml
+from convserve.server.app import loopback_command
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -298,21 +299,7 @@ def run_stack(
         for i in range(replicas):
             port_file, log = workdir / f"convserve-{i}.ports.json", workdir / f"convserve-{i}.log"
             port_files.append((port_file, log))
-            cmd = [
-                sys.executable,
-                "-m",
-                "convserve.server",
-                "--host",
-                "127.0.0.1",
-                "--grpc-port",
-                "0",
-                "--metrics-port",
-                "0",
-                "--port-file",
-                str(port_file),
-                "--model-repository",
-                str(model_repository),
-            ]
+            cmd = loopback_command(port_file, "--model-repository", str(model_repository))
             procs[f"convserve-{i}"] = (stack.enter_context(_process(f"convserve-{i}", cmd, log)), log)
         started = []
         for port_file, log in port_files:

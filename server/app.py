@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,6 +206,26 @@ def write_port_file(path: str | Path, grpc_port: int, metrics_port: int | None) 
         json.dumps({"grpc_port": grpc_port, "metrics_port": metrics_port, "pid": os.getpid()}) + "\n"
     )
     tmp.replace(path)
+
+
+def loopback_command(
+    port_file: str | Path, *flags: str, grpc_port: int = 0, metrics_port: int = 0
+) -> list[str]:
+    """``python -m convserve.server`` on 127.0.0.1 reporting its bound ports in ``port_file``: the one
+    command line that tests, benchmarks and ``make stack`` start servers with (0 = ephemeral, -1 = no
+    metrics)."""
+    return [
+        sys.executable, "-m", "convserve.server", "--host", "127.0.0.1",
+        "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+        "--port-file", str(port_file), *flags,
+    ]  # fmt: skip
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This environment minus CONVSERVE_* (a child takes settings from its command line), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}
+    env.update(extra or {})
+    return env
 
 
 async def _serve(settings: Settings) -> int:

@@ -391,7 +391,6 @@ def spawn_server_process(
 ) -> ServerProcess:
     """Start the server with ``--grpc-port 0 --port-file``; wait for the file, then for health SERVING."""
     import subprocess
-    import sys
     import time
 
     import grpc
@@ -400,22 +399,11 @@ def spawn_server_process(
     port_file = workdir / "ports.json"
     log_path = workdir / "server.log"
     port_file.unlink(missing_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "convserve.server",
-        "--host",
-        "127.0.0.1",
-        "--grpc-port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--port-file",
-        str(port_file),
-        *args,
-    ]
+    from convserve.server.app import child_env, loopback_command
+
+    cmd = loopback_command(port_file, *args)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(env))
     deadline = time.monotonic() + timeout
     try:
         while not port_file.exists():

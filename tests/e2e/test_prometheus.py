@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc as pb_grpc
+from convserve.server.app import child_env, loopback_command
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,14 +56,11 @@ def convserve_server(
     """`python -m convserve.server` on ephemeral loopback ports, JSON logs with the access log, to a file."""
     tmp = tmp_path_factory.mktemp("convserve")
     port_file, log_path = tmp / "ports.json", tmp / "server.log"
-    cmd = [
-        sys.executable, "-m", "convserve.server", "--host", "127.0.0.1", "--grpc-port", "0",
-        "--metrics-port", "0", "--port-file", str(port_file), "--model-repository", str(model_repository),
-        "--log-format", "json", "--access-log",
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}
+    cmd = loopback_command(
+        port_file, "--model-repository", str(model_repository), "--log-format", "json", "--access-log"
+    )
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=tmp)
     try:
         ports = _wait_for_port_file(proc, port_file, log_path, timeout=60.0)
         address = f"127.0.0.1:{ports['grpc_port']}"

@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from convserve.server.app import child_env, loopback_command
 
 GRAY_LABELS = [f"class_{i}" for i in range(4)]
 
@@ -200,25 +200,8 @@ def start_server_process(
     port_file = workdir / f"ports-{stamp}.json"
     log_path = workdir / f"server-{stamp}.log"
     log = log_path.open("wb")
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}
-    child_env.update(env or {})
-    cmd = [
-        sys.executable,
-        "-m",
-        "convserve.server",
-        "--host",
-        "127.0.0.1",
-        "--grpc-port",
-        str(grpc_port),
-        "--metrics-port",
-        "0",
-        "--port-file",
-        str(port_file),
-        "--model-repository",
-        str(repo),
-        *flags,
-    ]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env)
+    cmd = loopback_command(port_file, "--model-repository", str(repo), *flags, grpc_port=grpc_port)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(env))
     sp = ServerProcess(proc, port_file, log_path, _log=log)
     deadline = time.monotonic() + timeout
     try:
