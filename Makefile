@@ -47,4 +47,4 @@ stack: venv system-deps
 	$(BIN)/python scripts/run_stack.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis runs bench_results
+	rm -rf $(VENV) .venv-protoc .pytest_cache .ruff_cache .hypothesis runs bench_results

@@ -9,7 +9,8 @@
     ├── TooManyImagesError         RESOURCE_EXHAUSTED image count over the limit
     ├── DeadlineExpiredError       DEADLINE_EXCEEDED deadline passed while queued; never run
     ├── UnauthenticatedError       UNAUTHENTICATED   missing or wrong token
-    └── PermissionDeniedError      PERMISSION_DENIED model control disabled
+    ├── PermissionDeniedError      PERMISSION_DENIED model control disabled
+    └── NotSupportedError          UNIMPLEMENTED     a protocol extension convserve does not serve
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ class PermissionDeniedError(ConvserveServerError):
     reason = "permission_denied"
 
 
+class NotSupportedError(ConvserveServerError):
+    reason = "not_supported"
+
+
 STATUS_BY_ERROR: dict[type[ConvserveServerError], grpc.StatusCode] = {
     InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
@@ -73,6 +78,7 @@ STATUS_BY_ERROR: dict[type[ConvserveServerError], grpc.StatusCode] = {
     DeadlineExpiredError: grpc.StatusCode.DEADLINE_EXCEEDED,
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    NotSupportedError: grpc.StatusCode.UNIMPLEMENTED,
 }
 
 
