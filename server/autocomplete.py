@@ -13,8 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .model_config import MODEL_FILE, ModelConfig, ModelConfigError
 
 # Channel count → the PIL mode encoded images are converted to.
@@ -39,6 +37,7 @@ def read_signature(model_path: Path) -> GraphSignature:
     Raises ModelConfigError naming what the graph has when it is not a one-image-input classifier:
     one float input [N, C, H, W] with fixed C, H, W and C in (1, 3); an output [N, K].
     """
+    import numpy as np
     import onnxruntime as ort
 
     where = f"{model_path}"
