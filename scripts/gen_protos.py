@@ -5,9 +5,9 @@ the stubs live inside the ``convserve.protos`` package, so those imports are rew
 relative ones. The staleness test calls ``generate`` into a temporary folder and compares.
 
 The generator is pinned (scripts/protoc-requirements.txt): protoc stamps its own version into every stub
-and the stubs refuse older runtimes, so the stubs must come from the oldest supported grpcio-tools, not
-from whatever the developer's venv holds. ``generate`` runs protoc from a dedicated venv, .venv-protoc,
-created on first use from the pip cache.
+and the stubs refuse older runtimes, so the stubs must come from one pinned grpcio-tools whose version is
+pyproject's grpcio/protobuf floor, not from whatever the developer's venv holds. ``generate`` runs protoc
+from a dedicated venv, .venv-protoc, created on first use from the pip cache.
 """
 
 from __future__ import annotations
