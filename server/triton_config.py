@@ -1,13 +1,14 @@
 """Triton's ``config.pbtxt`` for ONNX models, read with protobuf's text format into our one ModelConfig.
 
-Read: name, platform/backend (ONNX Runtime only), max_batch_size (> 0: convserve batches along the first
-dimension), one input (FP32, NCHW, dims [C, H, W]) and one output (FP32, dims [K], label_filename),
-dynamic_batching (max_queue_delay_microseconds, preferred_batch_size, default_queue_policy.max_queue_size;
-without it each request runs alone, as in Triton), instance_group (counts summed; KIND_GPU/KIND_CPU pick
-the provider), version_policy. Input or output left out, or dims of -1, are completed from the graph.
-Everything else Triton knows (optimization, model_warmup, sequence batching...) is warned about once per
-load and ignored. Encoded images get the auto-complete preprocessing (L/RGB by channels, scale to [0, 1]);
-parameters ``mean``, ``std`` (comma-separated floats) and ``output_kind`` (logits/probabilities) override it.
+Read: name, platform/backend (ONNX Runtime only), max_batch_size (0: the dims carry the batch dimension,
+which is stripped, and requests are not merged), one input (FP32, NCHW, dims [C, H, W]) and one output
+(FP32, dims [K], label_filename), dynamic_batching (max_queue_delay_microseconds, preferred_batch_size,
+default_queue_policy.max_queue_size; without it each request runs alone, as in Triton), instance_group
+(counts summed; KIND_GPU/KIND_CPU pick the provider), version_policy. Input or output left out, or dims of
+-1, are completed from the graph. Everything else Triton knows (optimization, model_warmup, sequence
+batching...) is warned about once per load and ignored. Encoded images get the auto-complete
+preprocessing (L/RGB by channels, scale to [0, 1]); parameters ``mean``, ``std`` (comma-separated
+floats) and ``output_kind`` (logits/probabilities) override it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from pathlib import Path
 from convserve.protos.inference import model_config_pb2 as mc
 from google.protobuf import text_format
 
-from .autocomplete import COLOR_MODES, GraphSignature, latest_model_file, read_signature
+from .autocomplete import (
+    COLOR_MODES,
+    DEFAULT_MAX_BATCH_SIZE,
+    GraphSignature,
+    latest_model_file,
+    read_signature,
+)
 from .model_config import ModelConfig, ModelConfigError
 
 log = logging.getLogger(__name__)
@@ -101,11 +108,11 @@ def to_model_config(msg: mc.ModelConfig, model_dir: Path, where: str) -> ModelCo
             f"{where}: platform {msg.platform!r} / backend {msg.backend!r}: convserve serves ONNX models "
             f"(platform 'onnxruntime_onnx' or backend 'onnxruntime')"
         )
-    if msg.max_batch_size < 1:
-        raise ModelConfigError(
-            f"{where}: max_batch_size must be >= 1 (convserve batches along the first dimension), "
-            f"got {msg.max_batch_size}"
-        )
+    max_batch_size = msg.max_batch_size
+    if max_batch_size < 0:
+        raise ModelConfigError(f"{where}: max_batch_size must be >= 0, got {max_batch_size}")
+    if max_batch_size == 0:
+        msg, max_batch_size = _explicit_batch(msg, where)
     if len(msg.input) > 1 or len(msg.output) > 1:
         raise ModelConfigError(
             f"{where}: expected one input and one output, got {len(msg.input)} and {len(msg.output)}"
@@ -126,7 +133,7 @@ def to_model_config(msg: mc.ModelConfig, model_dir: Path, where: str) -> ModelCo
         "output": {"name": output_name, "kind": params.get("output_kind", "logits")},
         "preprocessing": {"color_mode": COLOR_MODES.get(c, "?"), "resize": [h, w], "mean": mean, "std": std},
         "labels": labels,
-        "max_batch_size": msg.max_batch_size,
+        "max_batch_size": max_batch_size,
         "batching": _batching(msg),
         "version_policy": _version_policy(msg.version_policy),
     }
@@ -139,6 +146,25 @@ def to_model_config(msg: mc.ModelConfig, model_dir: Path, where: str) -> ModelCo
         return ModelConfig.from_dict(data)
     except ModelConfigError as exc:
         raise ModelConfigError(f"{where}: {exc}") from None
+
+
+def _explicit_batch(msg: mc.ModelConfig, where: str) -> tuple[mc.ModelConfig, int]:
+    """max_batch_size 0: Triton's dims then include the batch dimension; convserve's never do. Strip it:
+    -1 (any batch) serves up to the default batch size, 1 one image per run; requests are not merged."""
+    out = mc.ModelConfig()
+    out.CopyFrom(msg)
+    out.ClearField("dynamic_batching")
+    batch = None
+    for t, rank in [*((t, 4) for t in out.input), *((t, 2) for t in out.output)]:
+        dims = list(t.dims)
+        if len(dims) != rank or dims[0] not in (-1, 1) or batch not in (None, dims[0]):
+            raise ModelConfigError(
+                f"{where}: with max_batch_size 0, {t.name!r} dims must start with the batch dimension "
+                f"(-1 or 1, the same for every tensor) and have rank {rank}, got {dims}"
+            )
+        batch = dims[0]
+        del t.dims[0]
+    return out, (DEFAULT_MAX_BATCH_SIZE if batch in (-1, None) else 1)
 
 
 def _input(msg: mc.ModelConfig, sig: GraphSignature | None, where: str) -> tuple[str, tuple[int, int, int]]:

@@ -91,6 +91,19 @@ def test_minimal_pbtxt_is_completed_from_the_graph(tmp_path: Path, make_model: A
     assert cfg.version_policy.select([1, 2, 3]) == [3]
 
 
+def test_max_batch_size_zero_strips_the_explicit_batch_dimension(tmp_path: Path, make_model: Any) -> None:
+    pbtxt = """
+    platform: "onnxruntime_onnx"
+    max_batch_size: 0
+    input [ { name: "input", data_type: TYPE_FP32, dims: [ -1, 3, 16, 16 ] } ]
+    output [ { name: "logits", data_type: TYPE_FP32, dims: [ -1, 5 ] } ]
+    dynamic_batching { }
+    """
+    cfg = read_pbtxt(_folder(tmp_path, make_model, pbtxt))
+    assert cfg.input.shape == (3, 16, 16) and cfg.num_classes == 5
+    assert cfg.max_batch_size == 64 and cfg.batching.enabled is False  # Triton never merges these requests
+
+
 def test_bare_folder_is_completed_from_its_latest_graph(tmp_path: Path, make_model: Any) -> None:
     folder = tmp_path / "bare"
     make_model(folder / "1" / "model.onnx", channels=1, size=8, classes=4)
@@ -109,7 +122,11 @@ def test_bare_folder_is_completed_from_its_latest_graph(tmp_path: Path, make_mod
     [
         ('platform: "tensorflow_savedmodel"\nmax_batch_size: 4', "convserve serves ONNX models"),
         ('backend: "python"\nmax_batch_size: 4', "convserve serves ONNX models"),
-        ('platform: "onnxruntime_onnx"\nmax_batch_size: 0', "max_batch_size must be >= 1"),
+        ('platform: "onnxruntime_onnx"\nmax_batch_size: -1', "max_batch_size must be >= 0"),
+        (
+            "max_batch_size: 0\ninput [{name: 'input' data_type: TYPE_FP32 dims: [3, 16, 16]}]",
+            "must start with the batch dimension",
+        ),
         ('name: "other"\nmax_batch_size: 4', "differs from folder name"),
         (
             "max_batch_size: 4\n"
