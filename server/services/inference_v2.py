@@ -11,6 +11,7 @@ the same number the convserve.v1 API reports.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import AsyncIterator
 
@@ -199,6 +200,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         raw = request.raw_input_contents
         if raw and len(raw) != 1:
             raise InvalidInputError(f"raw_input_contents: expected one entry (one per input), got {len(raw)}")
+        if raw and inp.contents.ListFields():
+            # Triton and KServe refuse this too: which of the two tensors was meant is unknowable.
+            raise InvalidInputError(
+                f"{where}.contents: expected the tensor in either contents or raw_input_contents, got both"
+            )
         shape = tuple(int(d) for d in inp.shape)
         limit = self.settings.max_images_per_request
         if inp.datatype == "FP32":
@@ -229,12 +235,23 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         )
 
 
+# A class count written as a string: ASCII digits only (str.isdigit() also accepts "²", which int()
+# refuses) and at most 18 of them (int() refuses more than 4300 digits; no model has 10**18 classes).
+_INT_TEXT = re.compile(r"[+-]?[0-9]{1,18}")
+
+
 def _param_int(param: pb.InferParameter, where: str) -> int:
     kind = param.WhichOneof("parameter_choice")
     if kind in ("int64_param", "uint64_param"):
         return int(getattr(param, kind))
-    if kind == "string_param" and param.string_param.strip().lstrip("-").isdigit():
-        return int(param.string_param)
+    if kind == "string_param":
+        text = param.string_param.strip()
+        if _INT_TEXT.fullmatch(text):
+            return int(text)
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise InvalidInputError(
+            f"{where}: expected an integer class count (ASCII digits, at most 18), got string {shown!r}"
+        )
     raise InvalidInputError(f"{where}: expected an integer class count, got {kind or 'an empty parameter'}")
 
 
