@@ -20,8 +20,9 @@ from typing import Any
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.onnx"
 
-# Model names become metric labels and directory names: keep them to a safe alphabet.
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Model names become metric labels and directory names: keep them to a safe alphabet. Always used with
+# fullmatch: "$" would also accept a trailing newline.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DTYPES = ("float32",)
 LAYOUTS = ("NCHW",)
 COLOR_MODES = ("L", "RGB")
@@ -201,7 +202,7 @@ def _plain(value: Any) -> Any:
 
 def _problems(cfg: ModelConfig) -> list[str]:
     p: list[str] = []
-    if not NAME_PATTERN.match(cfg.name):
+    if not NAME_PATTERN.fullmatch(cfg.name):
         p.append(f"name must match {NAME_PATTERN.pattern}, got {cfg.name!r}")
     if cfg.input.dtype not in DTYPES:
         p.append(f"input.dtype must be one of {DTYPES}, got {cfg.input.dtype!r}")
