@@ -110,6 +110,7 @@ class RunningServer:
         await self.server.stop(max(0.0, deadline - time.monotonic()))
         await self.repository.stop(max(0.0, deadline - time.monotonic()))
         self.metrics.stop()
+        logging_setup.flush_suppressed()  # the count of failure lines the rate limit held back
         self._stopped.set()
         log.info("stopped")
 

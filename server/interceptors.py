@@ -23,7 +23,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
-from .errors import ConvserveServerError, DrainingError, InvalidInputError, status_for
+from .errors import ConvserveServerError, DrainingError, InvalidInputError, status_for, status_message
 from .health import Health
 from .logging_setup import (
     REQUEST_ID_KEY,
@@ -100,7 +100,7 @@ def error_status(
     """
     code = status_for(exc)
     if isinstance(exc, ConvserveServerError):
-        message, reason, exc_info = exc.message, exc.reason, None
+        message, reason, exc_info = status_message(exc.message), exc.reason, None
     else:
         message, reason, exc_info = f"internal error, request id {call.request_id}", "internal", exc
     log_failed_request(

@@ -12,6 +12,7 @@ from convserve.protos.convserve.v1 import classifier_pb2_grpc as pb_grpc
 from ..errors import InvalidInputError, ModelNotFoundError, PermissionDeniedError
 from ..health import Health
 from ..interceptors import current_call
+from ..logging_setup import echo_request_id
 from ..metrics import Metrics
 from ..postprocess import probabilities, resolve_top_k, top_k
 from ..preprocess import stack, tensor_to_array
@@ -70,7 +71,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             return pb.ClassifyStreamResponse(
                 error_code=code.value[0],
                 error_message=message,
-                request_id=getattr(request, "request_id", "") or call.request_id,
+                request_id=echo_request_id(getattr(request, "request_id", ""), call.request_id)
+                or call.request_id,
             )
 
         async for reply in stream_replies(request_iterator, self.health, handle, reply_error):
@@ -104,7 +106,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                     model=model,
                     version=served.version,
                     results=results,
-                    request_id=request.request_id or call.request_id,
+                    request_id=echo_request_id(request.request_id, call.request_id) or call.request_id,
                 )
             self.metrics.images(model, version, API, n)
         return response

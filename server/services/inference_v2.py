@@ -20,9 +20,10 @@ import numpy as np
 from convserve.protos.inference import grpc_service_pb2 as pb
 from convserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
-from ..errors import InvalidInputError, ModelNotReadyError
+from ..errors import InvalidInputError, ModelNotReadyError, status_message
 from ..health import Health
 from ..interceptors import current_call
+from ..logging_setup import echo_request_id
 from ..metrics import Metrics
 from ..model_config import ModelConfig
 from ..postprocess import probabilities, resolve_top_k, top_k
@@ -133,9 +134,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             request: pb.ModelInferRequest, code: grpc.StatusCode, message: str
         ) -> pb.ModelStreamInferResponse:
             return pb.ModelStreamInferResponse(
-                error_message=f"{code.name}: {message}",
+                error_message=status_message(f"{code.name}: {message}"),
                 infer_response=pb.ModelInferResponse(
-                    model_name=getattr(request, "model_name", ""), id=getattr(request, "id", "")
+                    model_name=status_message(getattr(request, "model_name", "")),
+                    id=echo_request_id(getattr(request, "id", ""), current_call().request_id),
                 ),
             )
 
@@ -162,7 +164,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             call.images = n = len(batch)
             outputs = await served.infer(batch, deadline)
             with self.metrics.stage("postprocess", model, version):
-                response = pb.ModelInferResponse(model_name=model, model_version=version, id=request.id)
+                response = pb.ModelInferResponse(
+                    model_name=model, model_version=version, id=echo_request_id(request.id, call.request_id)
+                )
                 for name, k in wanted:
                     if k:
                         k = resolve_top_k(
