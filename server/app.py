@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from . import logging_setup
 from .health import Health
 from .interceptors import Edge, TokenAuthInterceptor, read_tokens
+from .memory import HeapTrimmer
 from .metrics import Metrics
 from .repository import ModelRepository
 from .services import classify, inference_v2
@@ -59,6 +60,7 @@ class RunningServer:
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
     _poller: asyncio.Task[None] | None = None  # repository polling (hot reload), when configured
+    _trimmer: HeapTrimmer | None = None  # returns freed heap to the OS after large messages
 
     @property
     def address(self) -> str:
@@ -110,6 +112,8 @@ class RunningServer:
         await self.server.stop(max(0.0, deadline - time.monotonic()))
         await self.repository.stop(max(0.0, deadline - time.monotonic()))
         self.metrics.stop()
+        if self._trimmer is not None:
+            self._trimmer.stop()
         logging_setup.flush_suppressed()  # the count of failure lines the rate limit held back
         self._stopped.set()
         log.info("stopped")
@@ -144,7 +148,8 @@ async def start_server(
     repository.scan()
     health = Health(SERVICE_NAMES)
     await health.start()
-    edge = Edge(health)
+    trimmer = HeapTrimmer()
+    edge = Edge(health, on_message=trimmer.note)
 
     interceptors = []
     tokens = (
@@ -188,6 +193,8 @@ async def start_server(
         await server.stop(0)
         raise
     running = RunningServer(server, settings, repository, metrics, health, edge, port, metrics_port)
+    running._trimmer = trimmer
+    trimmer.start()
     if settings.repository_poll_seconds > 0:
         running._poller = asyncio.create_task(repository.poll_forever(settings.repository_poll_seconds))
     log.info(
