@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from . import logging_setup
 from .health import Health
+from .inference import InferenceCore
 from .interceptors import Edge, TokenAuthInterceptor, read_tokens
 from .memory import HeapTrimmer
 from .metrics import Metrics
@@ -55,6 +56,7 @@ class RunningServer:
     metrics: Metrics
     health: Health
     edge: Edge
+    core: InferenceCore
     grpc_port: int
     metrics_port: int | None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -111,6 +113,7 @@ class RunningServer:
             )
         await self.server.stop(max(0.0, deadline - time.monotonic()))
         await self.repository.stop(max(0.0, deadline - time.monotonic()))
+        self.core.close()
         self.metrics.stop()
         if self._trimmer is not None:
             self._trimmer.stop()
@@ -167,8 +170,9 @@ async def start_server(
             ("grpc.so_reuseport", 0),  # a busy port must fail loudly, not be shared with another server
         ],
     )
-    classifier = classify.ClassifierService(repository, settings, metrics, health)
-    v2 = inference_v2.InferenceService(repository, settings, metrics, health)
+    core = InferenceCore(repository, settings, metrics)
+    classifier = classify.ClassifierService(repository, settings, metrics, health, core)
+    v2 = inference_v2.InferenceService(repository, settings, metrics, health, core)
     edge.register(server, classifier, classify.SERVICE)
     edge.register(server, v2, inference_v2.SERVICE, probes=inference_v2.PROBES)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
@@ -191,8 +195,9 @@ async def start_server(
             )
     except BaseException:
         await server.stop(0)
+        core.close()
         raise
-    running = RunningServer(server, settings, repository, metrics, health, edge, port, metrics_port)
+    running = RunningServer(server, settings, repository, metrics, health, edge, core, port, metrics_port)
     running._trimmer = trimmer
     trimmer.start()
     if settings.repository_poll_seconds > 0:

@@ -35,6 +35,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -45,7 +46,7 @@ from convserve.server.errors import (
     QueueFullError,
 )
 
-__all__ = ["BatchObserver", "Batcher"]
+__all__ = ["BatchObserver", "Batcher", "BatchingPolicy"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,32 @@ class BatchObserver(Protocol):
 
     def on_depth(self, depth: int) -> None:
         """The number of queued images changed."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingPolicy:
+    """How one model version batches: typed, frozen, and validated once, here (ValueError when wrong)."""
+
+    max_batch_size: int
+    enabled: bool = True
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 1024
+    preferred_batch_sizes: tuple[int, ...] = ()
+    instances: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_queue_delay_us < 0:
+            raise ValueError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+        if self.max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be >= 1, got {self.max_queue_size}")
+        if self.instances < 1:
+            raise ValueError(f"instances must be >= 1, got {self.instances}")
+        bad = [p for p in self.preferred_batch_sizes if not 1 <= p <= self.max_batch_size]
+        if bad:
+            raise ValueError(f"preferred_batch_sizes must lie in 1..{self.max_batch_size}, got {bad}")
+        object.__setattr__(self, "preferred_batch_sizes", tuple(sorted(set(self.preferred_batch_sizes))))
 
 
 class _NoObserver:
@@ -127,7 +154,7 @@ class Batcher:
         self,
         run: Callable[[np.ndarray], np.ndarray],
         *,
-        max_batch_size: int,
+        max_batch_size: int = 0,
         max_queue_delay_us: int = 0,
         max_queue_size: int = 1024,
         preferred_batch_sizes: Sequence[int] = (),
@@ -135,23 +162,25 @@ class Batcher:
         observer: BatchObserver | None = None,
         batching: bool = True,
         name: str = "model",
+        policy: BatchingPolicy | None = None,
     ) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if max_queue_delay_us < 0:
-            raise ValueError(f"max_queue_delay_us must be >= 0, got {max_queue_delay_us}")
-        if max_queue_size < 1:
-            raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
-        if instances < 1:
-            raise ValueError(f"instances must be >= 1, got {instances}")
-        bad = [p for p in preferred_batch_sizes if not 1 <= p <= max_batch_size]
-        if bad:
-            raise ValueError(f"preferred_batch_sizes must lie in 1..{max_batch_size}, got {bad}")
+        if policy is None:
+            policy = BatchingPolicy(
+                max_batch_size=max_batch_size,
+                enabled=batching,
+                max_queue_delay_us=max_queue_delay_us,
+                max_queue_size=max_queue_size,
+                preferred_batch_sizes=tuple(preferred_batch_sizes),
+                instances=instances,
+            )
+        self.policy = policy
+        max_batch_size, max_queue_delay_us = policy.max_batch_size, policy.max_queue_delay_us
+        max_queue_size, instances, batching = policy.max_queue_size, policy.instances, policy.enabled
         self._run = run
         self.max_batch_size = max_batch_size
         self.max_queue_delay_us = max_queue_delay_us
         self.max_queue_size = max_queue_size
-        self.preferred_batch_sizes = tuple(sorted(set(preferred_batch_sizes)))
+        self.preferred_batch_sizes = policy.preferred_batch_sizes
         self.instances = instances
         self.batching = batching
         self.name = name
@@ -173,6 +202,7 @@ class Batcher:
         self._closing = False
         self._running_workers = 0
         self._all_exited: asyncio.Future | None = None
+        self._active = 0  # batches being run right now (read without the lock: a hint, not a fact)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -180,6 +210,11 @@ class Batcher:
     def depth(self) -> int:
         """Images waiting in the queue now."""
         return self._queued
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing running: a request now would run alone anyway (a hint)."""
+        return self._queued == 0 and self._active == 0
 
     def start(self) -> None:
         """Start the worker threads; call once before the first submit."""
@@ -326,6 +361,8 @@ class Batcher:
             while True:
                 with self._lock:
                     picked = self._next_batch_locked()
+                    if picked is not None and picked[0]:
+                        self._active += 1
                     if picked is not None and self._queued > 0 and self._tokens < self._waiting:
                         # Another worker is idle: let it take the rest while this one runs.
                         self._signal_locked(1)
@@ -347,7 +384,11 @@ class Batcher:
                     if start == 0:
                         obs.on_dequeue(now - req.enqueued)
                 if pieces:
-                    self._run_batch(pieces)
+                    try:
+                        self._run_batch(pieces)
+                    finally:
+                        with self._lock:
+                            self._active -= 1
         finally:
             with self._lock:
                 self._running_workers -= 1

@@ -6,13 +6,19 @@
     ├── ModelNotReadyError         UNAVAILABLE       model loading, failed or unloading
     ├── DrainingError              UNAVAILABLE       server shutting down
     ├── QueueFullError             RESOURCE_EXHAUSTED batcher queue bound reached
-    ├── TooManyImagesError         RESOURCE_EXHAUSTED image count over the limit
+    ├── TooManyImagesError         RESOURCE_EXHAUSTED image count (or decoded pixels) over the limit
+    ├── ReplyTooLargeError         RESOURCE_EXHAUSTED the reply would exceed the largest message sent
     ├── DeadlineExpiredError       DEADLINE_EXCEEDED deadline passed while queued; never run
     ├── UnauthenticatedError       UNAUTHENTICATED   missing or wrong token
     └── PermissionDeniedError      PERMISSION_DENIED model control disabled
+
+``failure(exc, request_id)`` decides (status, message, reason) once, transport-neutrally: the gRPC edge
+sends ``Failure.code``, an HTTP edge ``Failure.http_status``; logs and metrics reuse the same ``reason``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import grpc
 
@@ -51,6 +57,10 @@ class TooManyImagesError(ConvserveServerError):
     reason = "too_many_images"
 
 
+class ReplyTooLargeError(ConvserveServerError):
+    reason = "reply_too_large"
+
+
 class DeadlineExpiredError(ConvserveServerError):
     reason = "deadline_exceeded"
 
@@ -70,6 +80,7 @@ STATUS_BY_ERROR: dict[type[ConvserveServerError], grpc.StatusCode] = {
     DrainingError: grpc.StatusCode.UNAVAILABLE,
     QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     TooManyImagesError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ReplyTooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExpiredError: grpc.StatusCode.DEADLINE_EXCEEDED,
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
@@ -104,3 +115,39 @@ def status_for(error: BaseException) -> grpc.StatusCode:
         if kind in STATUS_BY_ERROR:
             return STATUS_BY_ERROR[kind]
     return grpc.StatusCode.INTERNAL
+
+
+# The same statuses for an HTTP front end (KServe v2 REST answers errors as {"error": message}).
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.INTERNAL: 500,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """How one failed request is reported: status, client message and metric reason, decided once."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str
+    internal: bool  # True: an unexpected exception; its traceback belongs in the log
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS.get(self.code, 500)
+
+
+def failure(exc: BaseException, request_id: str = "") -> Failure:
+    """The one translation of an exception for every transport: domain errors keep their message and
+    reason; anything else is INTERNAL "internal error, request id …" (details stay in the server log)."""
+    if isinstance(exc, ConvserveServerError):
+        return Failure(status_for(exc), status_message(exc.message), exc.reason, False)
+    return Failure(grpc.StatusCode.INTERNAL, f"internal error, request id {request_id}", "internal", True)

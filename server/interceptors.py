@@ -23,7 +23,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
-from .errors import ConvserveServerError, DrainingError, InvalidInputError, status_for, status_message
+from .errors import DrainingError, InvalidInputError, failure, status_for
 from .health import Health
 from .logging_setup import (
     REQUEST_ID_KEY,
@@ -95,30 +95,26 @@ def current_call() -> CallInfo:
 def error_status(
     exc: BaseException, call: CallInfo, duration_s: float | None = None, peer: str = ""
 ) -> tuple[grpc.StatusCode, str]:
-    """Translate an exception to (status, client message) and log it: the one translation point.
+    """Translate an exception to (status, client message) with ``errors.failure`` and log it once.
 
     Domain errors keep their message and log one line without a traceback; anything else becomes
     INTERNAL "internal error, request id …" and its traceback goes to the log only.
     """
-    code = status_for(exc)
-    if isinstance(exc, ConvserveServerError):
-        message, reason, exc_info = status_message(exc.message), exc.reason, None
-    else:
-        message, reason, exc_info = f"internal error, request id {call.request_id}", "internal", exc
+    f = failure(exc, call.request_id)
     log_failed_request(
         request_id=call.request_id,
         method=call.method,
-        code=code.name,
-        message=str(exc) if exc_info is not None else message,
+        code=f.code.name,
+        message=str(exc) if f.internal else f.message,
         model=call.model,
         version=call.version,
-        reason=reason,
+        reason=f.reason,
         duration_s=duration_s,
         peer=peer,
-        exc_info=exc_info,
+        exc_info=exc if f.internal else None,
     )
     _release_frames(exc)
-    return code, message
+    return f.code, f.message
 
 
 def _release_frames(exc: BaseException) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,13 +70,33 @@ def image_to_array(img: Image.Image, cfg: ModelConfig) -> np.ndarray:
     return np.ascontiguousarray((arr - mean) / std, dtype=np.float32)
 
 
-def decode_image(
-    data: bytes, cfg: ModelConfig, limits: ImageLimits = ImageLimits(), where: str = "image"
-) -> np.ndarray:
-    """Decode encoded image bytes and preprocess them → (C, H, W) float32.
+class _Reader(io.BytesIO):
+    """Encoded bytes for Pillow that call ``check`` before each read, so a long decode can be stopped
+    between compressed blocks (Pillow's decoders pull their input through ``read``)."""
 
-    Raises InvalidInputError naming ``where``, what was expected and what arrived.
-    """
+    check: Callable[[], None] | None = None
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.check is not None:
+            self.check()
+        return super().read(size)
+
+
+# Compressed bytes handed to a decoder per call while a stop check is armed: deflate expands at most
+# ~1000:1, so one call decodes at most a few MB of pixels (milliseconds) before the next check.
+_CHECKED_BLOCK = 4096
+
+
+def image_pixels(data: bytes, limits: ImageLimits = ImageLimits(), where: str = "image") -> int:
+    """Decoded width*height of encoded image bytes, read from the header only (tens of µs): the cost
+    the server admits a decode by. Raises InvalidInputError for bytes that are not an accepted image."""
+    img = open_image(data, limits, where)
+    w, h = img.size
+    return w * h
+
+
+def open_image(data: bytes, limits: ImageLimits, where: str) -> Image.Image:
+    """Open encoded bytes lazily and apply the size guards from the header; no pixel is decoded yet."""
     size = len(data)
     if size == 0:
         raise InvalidInputError(f"{where}: expected encoded image bytes (PNG, JPEG), got 0 bytes")
@@ -84,7 +105,7 @@ def decode_image(
             f"{where}: encoded image is {size} bytes, over the limit of {limits.max_encoded_bytes} bytes"
         )
     try:
-        img = Image.open(io.BytesIO(data), formats=list(limits.formats))  # reads the header only
+        img = Image.open(_Reader(data), formats=list(limits.formats))  # reads the header only
         w, h = img.size
         if w * h > limits.max_pixels:  # the decompression-bomb guard, before any pixel is decoded
             raise InvalidInputError(
@@ -92,6 +113,40 @@ def decode_image(
             )
         if w < 1 or h < 1:
             raise InvalidInputError(f"{where}: image has an empty size {w}x{h}")
+    except InvalidInputError:
+        raise
+    except UnidentifiedImageError:
+        raise InvalidInputError(_unidentified(data, limits, where)) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise InvalidInputError(
+            f"{where}: image bytes are corrupt or truncated ({size} bytes): {exc}"
+        ) from None
+    return img
+
+
+def decode_image(
+    data: bytes,
+    cfg: ModelConfig,
+    limits: ImageLimits = ImageLimits(),
+    where: str = "image",
+    check: Callable[[], None] | None = None,
+    opened: Image.Image | None = None,
+) -> np.ndarray:
+    """Decode encoded image bytes and preprocess them → (C, H, W) float32.
+
+    ``check`` is called between the expensive steps (header, pixel decode, resize) and may raise to stop
+    work that nobody waits for any more (deadline passed, client gone). ``opened`` is ``open_image``'s
+    result for these bytes when the caller already read the header (to admit the decode by its cost).
+    Raises InvalidInputError naming ``where``, what was expected and what arrived.
+    """
+    img = opened if opened is not None else open_image(data, limits, where)
+    size = len(data)
+    try:
+        if check is not None:
+            check()
+            if isinstance(img.fp, _Reader):
+                img.fp.check = check
+                img.decodermaxblock = _CHECKED_BLOCK
         img.load()
         img = ImageOps.exif_transpose(img) if "exif" in img.info else img
     except InvalidInputError:
@@ -102,6 +157,8 @@ def decode_image(
         raise InvalidInputError(
             f"{where}: image bytes are corrupt or truncated ({size} bytes): {exc}"
         ) from None
+    if check is not None:
+        check()
     return image_to_array(img, cfg)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -10,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .batcher import Batcher
+from .batcher import Batcher, BatchingPolicy
 from .errors import DeadlineExpiredError, ModelNotReadyError
 from .metrics import Metrics
 from .model_check import warm_up
 from .model_config import ModelConfig
 from .session import OnnxSession, SessionOptions
 from .settings import Settings
+from .stats import ModelStats
 
 log = logging.getLogger(__name__)
 
@@ -38,24 +40,6 @@ _ALLOWED = {
 }
 
 StateListener = Callable[["ServedModel"], None]
-
-
-class _BatchMetrics:
-    """Adapts the batcher's observer hooks to the metrics layer's pre-resolved per-version recorders."""
-
-    __slots__ = ("_obs",)
-
-    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
-        self._obs = metrics.observer(model, version)
-
-    def on_batch(self, size: int, infer_seconds: float) -> None:
-        self._obs.observe_batch(size)
-
-    def on_dequeue(self, wait_seconds: float) -> None:
-        self._obs.observe_queue_wait(wait_seconds)
-
-    def on_depth(self, depth: int) -> None:
-        self._obs.set_queue_depth(depth)
 
 
 class ServedModel:
@@ -83,6 +67,13 @@ class ServedModel:
         self.provider = ""
         self.session: OnnxSession | None = None
         self.batcher: Batcher | None = None
+        # The one recorder of this version: Triton-style counters and its Prometheus children (a version on
+        # disk is a legitimate label value from the start).
+        metrics.register_model(name, self.version_label)
+        self.stats = ModelStats(metrics, name, self.version_label)
+        # Runs estimated to cost at most this long execute on the caller's thread (the event loop) when
+        # the batcher is idle: a thread hop each way costs more than such a run (docs/DESIGN.md).
+        self.inline_max_s = settings.inline_inference_us / 1e6
         self._on_state = on_state
         self._notify()
 
@@ -97,20 +88,18 @@ class ServedModel:
         """The ordered provider preference: the model's own list, else the server-wide one."""
         return self.cfg.execution_providers or self.settings.execution_providers
 
-    @property
-    def batching(self) -> dict[str, object]:
-        """Effective batching settings: the model's config over the server-wide defaults."""
+    @functools.cached_property
+    def batching(self) -> BatchingPolicy:
+        """Effective batching policy: the model's config over the server-wide defaults, validated once."""
         b, s = self.cfg.batching, self.settings
-        return {
-            "enabled": b.enabled,
-            "max_batch_size": self.cfg.max_batch_size,
-            "max_queue_delay_us": s.max_queue_delay_us
-            if b.max_queue_delay_us is None
-            else b.max_queue_delay_us,
-            "max_queue_size": s.max_queue_size if b.max_queue_size is None else b.max_queue_size,
-            "preferred_batch_sizes": tuple(b.preferred_batch_sizes),
-            "instances": s.instances if b.instances is None else b.instances,
-        }
+        return BatchingPolicy(
+            max_batch_size=self.cfg.max_batch_size,
+            enabled=b.enabled,
+            max_queue_delay_us=s.max_queue_delay_us if b.max_queue_delay_us is None else b.max_queue_delay_us,
+            max_queue_size=s.max_queue_size if b.max_queue_size is None else b.max_queue_size,
+            preferred_batch_sizes=tuple(b.preferred_batch_sizes),
+            instances=s.instances if b.instances is None else b.instances,
+        )
 
     def load(self) -> None:
         """Create the session and batcher (blocking). On failure the version is FAILED with the reason."""
@@ -133,18 +122,9 @@ class ServedModel:
             return
         self.session = session
         self.provider = session.provider
-        b = self.batching
-        self.batcher = Batcher(
-            self._timed_run(session),
-            max_batch_size=int(b["max_batch_size"]),  # type: ignore[arg-type]
-            max_queue_delay_us=int(b["max_queue_delay_us"]),  # type: ignore[arg-type]
-            max_queue_size=int(b["max_queue_size"]),  # type: ignore[arg-type]
-            preferred_batch_sizes=b["preferred_batch_sizes"],  # type: ignore[arg-type]
-            instances=int(b["instances"]),  # type: ignore[arg-type]
-            observer=_BatchMetrics(self.metrics, self.name, self.version_label),
-            batching=bool(b["enabled"]),
-            name=self.name,
-        )
+        policy = self.batching
+        self._measure_single_run(session)
+        self.batcher = Batcher(session.run, policy=policy, observer=self.stats, name=self.name)
         self.batcher.start()
         self._move(ModelState.READY)
         log.info(
@@ -152,7 +132,7 @@ class ServedModel:
             self.name,
             self.version,
             self.provider,
-            "on" if b["enabled"] else "off",
+            "on" if policy.enabled else "off",
             extra={
                 "fields": {
                     "event": "model_ready",
@@ -164,14 +144,15 @@ class ServedModel:
             },
         )
 
-    def _timed_run(self, session: OnnxSession) -> Callable[[np.ndarray], np.ndarray]:
-        stage, name, version = self.metrics.stage, self.name, self.version_label
-
-        def run(batch: np.ndarray) -> np.ndarray:
-            with stage("inference", name, version):
-                return session.run(batch)
-
-        return run
+    def _measure_single_run(self, session: OnnxSession) -> None:
+        """Seed the single-image cost estimate (the inline decision) with the median of a few warm runs."""
+        probe = np.zeros((1, *self.cfg.input.shape), dtype=np.float32)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            session.run(probe)
+            times.append(time.perf_counter() - t0)
+        self.stats.single_run_s = sorted(times)[len(times) // 2]
 
     def _fail(self, reason: str) -> None:
         self.reason = reason
@@ -224,12 +205,14 @@ class ServedModel:
     # ---- serving ---------------------------------------------------------------------------------
 
     async def infer(self, batch: np.ndarray, deadline: float | None = None) -> np.ndarray:
-        """(N, C, H, W) float32 → (N, K) raw outputs, run off the event loop by the batcher.
+        """(N, C, H, W) float32 → (N, K) raw outputs: inline when one run is cheaper than a thread hop
+        and the batcher is idle, else through the batcher (off the event loop).
 
         ``deadline`` is absolute ``time.monotonic()`` seconds; a request past it is never run.
         Raises ModelNotReadyError, QueueFullError, DeadlineExpiredError, DrainingError.
         """
-        if self.state is not ModelState.READY or self.batcher is None:
+        batcher = self.batcher
+        if self.state is not ModelState.READY or batcher is None:
             raise ModelNotReadyError(
                 f"model {self.name!r} version {self.version} is {self.state.value}"
                 + (f": {self.reason}" if self.reason else "")
@@ -239,4 +222,14 @@ class ServedModel:
                 f"deadline passed before model {self.name!r} version {self.version} "
                 "could run the request; never ran"
             )
-        return await self.batcher.submit(batch, deadline)
+        if (
+            len(batch) == 1
+            and self.stats.single_run_s <= self.inline_max_s
+            and batcher.idle
+            and self.session is not None
+        ):
+            t0 = time.perf_counter()
+            out = self.session.run(batch)
+            self.stats.on_batch(1, time.perf_counter() - t0)
+            return out
+        return await batcher.submit(batch, deadline)

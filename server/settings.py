@@ -77,6 +77,14 @@ class Settings:
     max_queue_delay_us: int = _s(0, "default longest wait for a fuller batch, microseconds (0 = never wait)")
     max_queue_size: int = _s(1024, "default bound on queued images per model; past it RESOURCE_EXHAUSTED")
     instances: int = _s(1, "default parallel ONNX Runtime sessions per model version")
+    # Execution model (docs/DESIGN.md)
+    inline_inference_us: int = _s(
+        150, "single-image runs estimated at most this long run on the event loop when the batcher is idle"
+    )
+    cpu_workers: int = _s(0, "threads for decoding and big pre/postprocessing (0 = one per CPU core)")
+    decode_pixels_in_flight: int = _s(
+        48_000_000, "decoded pixels being decoded at once, server-wide; more waits (cost-bounded admission)"
+    )
     # Requests
     top_k: int = _s(5, "predictions per image when a request leaves top_k at 0 (capped at the class count)")
     max_message_bytes: int = _s(64 * 1024 * 1024, "largest gRPC message accepted or sent, bytes")
@@ -147,9 +155,12 @@ def _validate(s: Settings) -> None:
         "max_images_per_request",
         "max_image_bytes",
         "max_image_pixels",
+        "decode_pixels_in_flight",
     )
     problems += [f"{n} must be >= 1, got {getattr(s, n)}" for n in positive if getattr(s, n) < 1]
     non_negative = (
+        "inline_inference_us",
+        "cpu_workers",
         "intra_op_threads",
         "inter_op_threads",
         "max_queue_delay_us",

@@ -5,21 +5,28 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
-import numpy as np
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc as pb_grpc
 
 from ..errors import InvalidInputError, ModelNotFoundError, PermissionDeniedError
 from ..health import Health
+from ..inference import (
+    EncodedImage,
+    InferenceCore,
+    InferenceRequest,
+    InferenceResult,
+    Input,
+    RequestedOutput,
+    TensorInput,
+)
 from ..interceptors import current_call
 from ..logging_setup import echo_request_id
 from ..metrics import Metrics
-from ..postprocess import probabilities, resolve_top_k, top_k
-from ..preprocess import stack, tensor_to_array
+from ..model_config import ModelConfig
 from ..repository import ModelEntry, ModelRepository
-from ..served_model import ModelState, ServedModel
+from ..served_model import ModelState
 from ..settings import Settings
-from .common import check_count, deadline_of, decode_all, image_limits, lookup, observed, stream_replies
+from .common import deadline_of, stream_replies
 
 API = "classify"
 SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"]
@@ -42,13 +49,18 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     """Classify / ClassifyStream / ListModels / DescribeModel over the repository."""
 
     def __init__(
-        self, repository: ModelRepository, settings: Settings, metrics: Metrics, health: Health
+        self,
+        repository: ModelRepository,
+        settings: Settings,
+        metrics: Metrics,
+        health: Health,
+        core: InferenceCore | None = None,
     ) -> None:
         self.repository = repository
         self.settings = settings
         self.metrics = metrics
         self.health = health
-        self.limits = image_limits(settings)
+        self.core = core or InferenceCore(repository, settings, metrics)
 
     async def Classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
@@ -81,74 +93,38 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     async def _classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
         call = current_call()
         call.model = request.model
-        served = lookup(self.repository, self.metrics, request.model, request.version, API)
-        model, version, cfg = served.name, served.version_label, served.cfg
-        call.version = version
-        with observed(self.metrics, model, version, API):
-            k = resolve_top_k(request.top_k, cfg.num_classes, self.settings.top_k)
-            with self.metrics.stage("preprocess", model, version):
-                batch = await self._batch(request, served)
-            call.images = n = len(batch)
-            outputs = await served.infer(batch, deadline)
-            with self.metrics.stage("postprocess", model, version):
-                indices, scores = top_k(probabilities(outputs, cfg.output.kind), k)
-                labels = cfg.labels
-                results = [
+        request_id = echo_request_id(request.request_id, call.request_id) or call.request_id
+
+        def encode(result: InferenceResult) -> pb.ClassifyResponse:
+            out, labels = result.outputs[0], result.labels
+            return pb.ClassifyResponse(
+                model=result.model,
+                version=result.version,
+                results=[
                     pb.Classification(
                         predictions=[
                             pb.Prediction(index=i, label=labels[i], probability=p)
                             for i, p in zip(row_i, row_p, strict=False)
                         ]
                     )
-                    for row_i, row_p in zip(indices.tolist(), scores.tolist(), strict=False)
-                ]
-                response = pb.ClassifyResponse(
-                    model=model,
-                    version=served.version,
-                    results=results,
-                    request_id=echo_request_id(request.request_id, call.request_id) or call.request_id,
-                )
-            self.metrics.images(model, version, API, n)
-        return response
-
-    async def _batch(self, request: pb.ClassifyRequest, served: ServedModel) -> np.ndarray:
-        """The request's images as one (N, C, H, W) float32 batch, in request order."""
-        images = request.images
-        limit = self.settings.max_images_per_request
-        if not images:
-            raise InvalidInputError(
-                "images: expected at least one image (encoded bytes or a tensor), got none"
+                    for row_i, row_p in zip(out.indices.tolist(), out.scores.tolist(), strict=False)  # type: ignore[union-attr]
+                ],
+                request_id=request_id,
             )
-        check_count(len(images), limit)
-        parts: list[np.ndarray | None] = []
-        blobs: list[tuple[str, bytes]] = []
-        rows = 0
-        for i, image in enumerate(images):
-            kind = image.WhichOneof("content")
-            where = f"images[{i}]"
-            if kind == "encoded":
-                blobs.append((where, image.encoded))
-                parts.append(None)
-                rows += 1
-            elif kind == "tensor":
-                t = image.tensor
-                dtype = _DTYPE_NAMES.get(t.dtype)
-                if dtype is None:
-                    raise InvalidInputError(
-                        f"{where}.tensor.dtype: expected one of "
-                        f"{sorted(pb.DataType.Name(d) for d in _DTYPE_NAMES)}, "
-                        f"got {pb.DataType.Name(t.dtype) if t.dtype in pb.DataType.values() else t.dtype}"
-                    )
-                arr = tensor_to_array(t.data, dtype, tuple(t.shape), served.cfg, f"{where}.tensor")
-                rows += len(arr)
-                check_count(rows, limit, "images (tensor rows included)")
-                parts.append(arr)
-            else:
-                raise InvalidInputError(f"{where}: expected encoded bytes or a tensor, got an empty image")
-        if blobs:
-            decoded = iter(await decode_all(blobs, served, self.limits))
-            parts = [next(decoded) if p is None else p for p in parts]
-        return stack(parts)  # type: ignore[arg-type]
+
+        return await self.core.infer(
+            InferenceRequest(
+                model=request.model,
+                version=request.version,
+                inputs=lambda cfg: _inputs(request, cfg),
+                outputs=(RequestedOutput(classification=request.top_k),),
+                deadline=deadline,
+                request_id=call.request_id,
+                api=API,
+                trace=call,
+            ),
+            encode,
+        )
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -176,7 +152,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 )
         else:
             served = entry.latest_ready() or (entry.versions[max(entry.versions)] if entry.versions else None)
-        b = served.batching if served is not None else {}
+        b = served.batching if served is not None else None
         return pb.ModelDescription(
             name=entry.name,
             version=served.version if served else 0,
@@ -195,13 +171,15 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             max_batch_size=cfg.max_batch_size,
             ready=bool(served and served.ready),
             batching=pb.BatchingSpec(
-                enabled=bool(b.get("enabled")),
+                enabled=b.enabled,
                 max_batch_size=cfg.max_batch_size,
-                max_queue_delay_us=int(b.get("max_queue_delay_us", 0)),
-                max_queue_size=int(b.get("max_queue_size", 0)),
-                preferred_batch_sizes=list(b.get("preferred_batch_sizes", ())),
-                instances=int(b.get("instances", 0)),
-            ),
+                max_queue_delay_us=b.max_queue_delay_us,
+                max_queue_size=b.max_queue_size,
+                preferred_batch_sizes=list(b.preferred_batch_sizes),
+                instances=b.instances,
+            )
+            if b is not None
+            else pb.BatchingSpec(max_batch_size=cfg.max_batch_size),
             architecture=cfg.architecture,
         )
 
@@ -226,6 +204,29 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             raise PermissionDeniedError(
                 "model control is off on this server; start it with --allow-model-control (which needs auth)"
             )
+
+
+def _inputs(request: pb.ClassifyRequest, cfg: ModelConfig) -> list[Input]:
+    """The request's images as domain inputs, in request order."""
+    inputs: list[Input] = []
+    for i, image in enumerate(request.images):
+        kind = image.WhichOneof("content")
+        where = f"images[{i}]"
+        if kind == "encoded":
+            inputs.append(EncodedImage(image.encoded, where))
+        elif kind == "tensor":
+            t = image.tensor
+            dtype = _DTYPE_NAMES.get(t.dtype)
+            if dtype is None:
+                raise InvalidInputError(
+                    f"{where}.tensor.dtype: expected one of "
+                    f"{sorted(pb.DataType.Name(d) for d in _DTYPE_NAMES)}, "
+                    f"got {pb.DataType.Name(t.dtype) if t.dtype in pb.DataType.values() else t.dtype}"
+                )
+            inputs.append(TensorInput(t.data, dtype, tuple(t.shape), f"{where}.tensor"))
+        else:
+            raise InvalidInputError(f"{where}: expected encoded bytes or a tensor, got an empty image")
+    return inputs
 
 
 def _versions(entry: ModelEntry) -> list[pb.VersionStatus]:

@@ -22,16 +22,22 @@ from convserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 from ..errors import InvalidInputError, ModelNotReadyError, status_message
 from ..health import Health
+from ..inference import (
+    EncodedImage,
+    InferenceCore,
+    InferenceRequest,
+    InferenceResult,
+    Input,
+    RequestedOutput,
+    TensorInput,
+)
 from ..interceptors import current_call
 from ..logging_setup import echo_request_id
 from ..metrics import Metrics
 from ..model_config import ModelConfig
-from ..postprocess import probabilities, resolve_top_k, top_k
-from ..preprocess import stack, tensor_to_array
 from ..repository import ModelRepository, parse_version
-from ..served_model import ServedModel
 from ..settings import Settings
-from .common import check_count, deadline_of, decode_all, image_limits, lookup, observed, stream_replies
+from .common import deadline_of, stream_replies
 
 API = "v2"
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -54,13 +60,18 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     """The v2 protocol over the same repository and models as the convserve.v1 API."""
 
     def __init__(
-        self, repository: ModelRepository, settings: Settings, metrics: Metrics, health: Health
+        self,
+        repository: ModelRepository,
+        settings: Settings,
+        metrics: Metrics,
+        health: Health,
+        core: InferenceCore | None = None,
     ) -> None:
         self.repository = repository
         self.settings = settings
         self.metrics = metrics
         self.health = health
-        self.limits = image_limits(settings)
+        self.core = core or InferenceCore(repository, settings, metrics)
         self.version = _server_version()
 
     # ---- server and model status -----------------------------------------------------------------
@@ -147,96 +158,85 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
         call = current_call()
         call.model = request.model_name
-        served = lookup(
-            self.repository,
-            self.metrics,
-            request.model_name,
-            parse_version(request.model_version),
-            API,
-            "model_name",
+        return await self.core.infer(
+            InferenceRequest(
+                model=request.model_name,
+                version=parse_version(request.model_version),
+                inputs=lambda cfg: _inputs(request, cfg),
+                outputs=lambda cfg: _requested_outputs(request, cfg),
+                deadline=deadline,
+                request_id=call.request_id,
+                api=API,
+                model_field="model_name",
+                trace=call,
+            ),
+            lambda result: _reply(result, echo_request_id(request.id, call.request_id)),
         )
-        model, version, cfg = served.name, served.version_label, served.cfg
-        call.version = version
-        with observed(self.metrics, model, version, API):
-            wanted = _requested_outputs(request, cfg)
-            with self.metrics.stage("preprocess", model, version):
-                batch = await self._batch(request, served)
-            call.images = n = len(batch)
-            outputs = await served.infer(batch, deadline)
-            with self.metrics.stage("postprocess", model, version):
-                response = pb.ModelInferResponse(
-                    model_name=model, model_version=version, id=echo_request_id(request.id, call.request_id)
-                )
-                for name, k in wanted:
-                    if k:
-                        k = resolve_top_k(
-                            k, cfg.num_classes, self.settings.top_k, f"outputs[{name!r}].classification"
-                        )
-                        indices, scores = top_k(probabilities(outputs, cfg.output.kind), k)
-                        labels = cfg.labels
-                        strings = [
-                            f"{p:f}:{i}:{labels[i]}".encode()
-                            for row_i, row_p in zip(indices.tolist(), scores.tolist(), strict=False)
-                            for i, p in zip(row_i, row_p, strict=False)
-                        ]
-                        response.outputs.add(name=name, datatype="BYTES", shape=[n, k])
-                        response.raw_output_contents.append(_serialize_bytes(strings))
-                    else:
-                        response.outputs.add(name=name, datatype="FP32", shape=list(outputs.shape))
-                        response.raw_output_contents.append(
-                            np.ascontiguousarray(outputs, dtype="<f4").tobytes()
-                        )
-            self.metrics.images(model, version, API, n)
-        return response
 
-    async def _batch(self, request: pb.ModelInferRequest, served: ServedModel) -> np.ndarray:
-        """The request's single input as an (N, C, H, W) float32 batch."""
-        cfg = served.cfg
-        if len(request.inputs) != 1:
-            raise InvalidInputError(
-                f"inputs: expected exactly one input tensor named {cfg.input.name!r}, "
-                f"got {len(request.inputs)}"
-            )
-        inp = request.inputs[0]
-        where = f"inputs[{inp.name!r}]"
-        if inp.name != cfg.input.name:
-            raise InvalidInputError(f"inputs[0].name: expected {cfg.input.name!r}, got {inp.name!r}")
-        raw = request.raw_input_contents
-        if raw and len(raw) != 1:
-            raise InvalidInputError(f"raw_input_contents: expected one entry (one per input), got {len(raw)}")
-        if raw and inp.contents.ListFields():
-            # Triton and KServe refuse this too: which of the two tensors was meant is unknowable.
-            raise InvalidInputError(
-                f"{where}.contents: expected the tensor in either contents or raw_input_contents, got both"
-            )
-        shape = tuple(int(d) for d in inp.shape)
-        limit = self.settings.max_images_per_request
-        if inp.datatype == "FP32":
-            if len(shape) != 4:
-                raise InvalidInputError(
-                    f"{where}.shape: expected [N, {', '.join(map(str, cfg.input.shape))}], got {list(shape)}"
-                )
-            check_count(shape[0], limit)
-            # Typed contents cost a copy; raw_input_contents is wrapped as it is.
-            data = raw[0] if raw else np.asarray(inp.contents.fp32_contents, dtype="<f4").tobytes()
-            return tensor_to_array(data, "float32", shape, cfg, where)
-        if inp.datatype == "BYTES":
-            blobs = _deserialize_bytes(raw[0], where) if raw else list(inp.contents.bytes_contents)
-            if not blobs:
-                raise InvalidInputError(f"{where}: expected at least one encoded image, got none")
-            if shape not in ((len(blobs),), (len(blobs), 1)):
-                raise InvalidInputError(
-                    f"{where}.shape: {len(blobs)} encoded images need shape [{len(blobs)}] or "
-                    f"[{len(blobs)}, 1], got {list(shape)}"
-                )
-            check_count(len(blobs), limit)
-            return stack(
-                await decode_all([(f"{where}[{i}]", b) for i, b in enumerate(blobs)], served, self.limits)
-            )
+
+def _reply(result: InferenceResult, request_id: str) -> pb.ModelInferResponse:
+    """The domain result as a ModelInferResponse: raw FP32, or BYTES "probability:index:label" strings."""
+    response = pb.ModelInferResponse(
+        model_name=result.model, model_version=str(result.version), id=request_id
+    )
+    labels = result.labels
+    for out in result.outputs:
+        if out.raw is None:
+            indices, scores = out.indices, out.scores
+            strings = [
+                f"{p:f}:{i}:{labels[i]}".encode()
+                for row_i, row_p in zip(indices.tolist(), scores.tolist(), strict=False)  # type: ignore[union-attr]
+                for i, p in zip(row_i, row_p, strict=False)
+            ]
+            response.outputs.add(name=out.name, datatype="BYTES", shape=list(indices.shape))  # type: ignore[union-attr]
+            response.raw_output_contents.append(_serialize_bytes(strings))
+        else:
+            response.outputs.add(name=out.name, datatype="FP32", shape=list(out.raw.shape))
+            response.raw_output_contents.append(np.ascontiguousarray(out.raw, dtype="<f4").tobytes())
+    return response
+
+
+def _inputs(request: pb.ModelInferRequest, cfg: ModelConfig) -> list[Input]:
+    """The request's single input tensor as domain inputs: one float tensor, or one per encoded image."""
+    if len(request.inputs) != 1:
         raise InvalidInputError(
-            f"{where}.datatype: expected FP32 (a [N, C, H, W] tensor) or BYTES "
-            f"(encoded images), got {inp.datatype!r}"
+            f"inputs: expected exactly one input tensor named {cfg.input.name!r}, got {len(request.inputs)}"
         )
+    inp = request.inputs[0]
+    where = f"inputs[{inp.name!r}]"
+    if inp.name != cfg.input.name:
+        raise InvalidInputError(f"inputs[0].name: expected {cfg.input.name!r}, got {inp.name!r}")
+    raw = request.raw_input_contents
+    if raw and len(raw) != 1:
+        raise InvalidInputError(f"raw_input_contents: expected one entry (one per input), got {len(raw)}")
+    if raw and inp.contents.ListFields():
+        # Triton and KServe refuse this too: which of the two tensors was meant is unknowable.
+        raise InvalidInputError(
+            f"{where}.contents: expected the tensor in either contents or raw_input_contents, got both"
+        )
+    shape = tuple(int(d) for d in inp.shape)
+    if inp.datatype == "FP32":
+        if len(shape) != 4:
+            raise InvalidInputError(
+                f"{where}.shape: expected [N, {', '.join(map(str, cfg.input.shape))}], got {list(shape)}"
+            )
+        # Typed contents cost a copy; raw_input_contents is wrapped as it is.
+        data = raw[0] if raw else np.asarray(inp.contents.fp32_contents, dtype="<f4").tobytes()
+        return [TensorInput(data, "float32", shape, where)]
+    if inp.datatype == "BYTES":
+        blobs = _deserialize_bytes(raw[0], where) if raw else list(inp.contents.bytes_contents)
+        if not blobs:
+            raise InvalidInputError(f"{where}: expected at least one encoded image, got none")
+        if shape not in ((len(blobs),), (len(blobs), 1)):
+            raise InvalidInputError(
+                f"{where}.shape: {len(blobs)} encoded images need shape [{len(blobs)}] or "
+                f"[{len(blobs)}, 1], got {list(shape)}"
+            )
+        return [EncodedImage(b, f"{where}[{i}]") for i, b in enumerate(blobs)]
+    raise InvalidInputError(
+        f"{where}.datatype: expected FP32 (a [N, C, H, W] tensor) or BYTES "
+        f"(encoded images), got {inp.datatype!r}"
+    )
 
 
 # A class count written as a string: ASCII digits only (str.isdigit() also accepts "²", which int()
@@ -259,13 +259,15 @@ def _param_int(param: pb.InferParameter, where: str) -> int:
     raise InvalidInputError(f"{where}: expected an integer class count, got {kind or 'an empty parameter'}")
 
 
-def _requested_outputs(request: pb.ModelInferRequest, cfg: ModelConfig) -> list[tuple[str, int]]:
-    """(output name, classification k or 0) for each requested output; all outputs when none are named."""
+def _requested_outputs(request: pb.ModelInferRequest, cfg: ModelConfig) -> list[RequestedOutput]:
+    """Each requested output (classification k, or None for the raw tensor); all outputs when none are
+    named. Duplicates are refused by the core."""
     default_k = 0
     if CLASSIFICATION in request.parameters:
         default_k = _param_int(request.parameters[CLASSIFICATION], "parameters['classification']")
     if not request.outputs:
-        return [(cfg.output.name, default_k)]
+        name = cfg.output.name
+        return [RequestedOutput(name, default_k or None, f"outputs[{name!r}].classification")]
     wanted = []
     for i, out in enumerate(request.outputs):
         if out.name != cfg.output.name:
@@ -277,7 +279,7 @@ def _requested_outputs(request: pb.ModelInferRequest, cfg: ModelConfig) -> list[
             raise InvalidInputError(
                 f"outputs[{i}].parameters['classification']: expected 1..{cfg.num_classes}, got {k}"
             )
-        wanted.append((out.name, k))
+        wanted.append(RequestedOutput(out.name, k or None, f"outputs[{out.name!r}].classification"))
     return wanted
 
 

@@ -68,6 +68,9 @@ def test_provider_fallback_and_graceful_sigterm(
         # arrives while at least two are still in flight (on a fast machine the first may be done).
         calls = [stub.Classify.future(request, timeout=60) for _ in range(4)]
         _wait(lambda: _in_flight(server.metrics_port, "slow") >= 2, "2 requests in flight")
+        # On a loaded machine the last calls may not have reached the server yet: those may be refused,
+        # but at least the ones seen in flight here must be answered in full.
+        accepted = _in_flight(server.metrics_port, "slow")
         server.proc.send_signal(signal.SIGTERM)
         _wait(
             lambda: (
@@ -82,10 +85,18 @@ def test_provider_fallback_and_graceful_sigterm(
         except grpc.RpcError as err:
             assert err.code() == grpc.StatusCode.UNAVAILABLE, err
             assert "shutting down" in err.details()
-        # Every request accepted before the signal gets its real answer.
+        # Every request accepted before the signal gets its real answer; a later one only UNAVAILABLE.
+        answered = 0
         for call in calls:
-            reply = call.result(timeout=60)
+            try:
+                reply = call.result(timeout=60)
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+                assert "shutting down" in err.details()
+                continue
             assert [r.predictions[0].index for r in reply.results] == expected.tolist()
+            answered += 1
+        assert answered >= accepted >= 2
     assert server.proc.wait(30) == 0
     assert "stopped" in server.log()
 

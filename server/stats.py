@@ -1,0 +1,189 @@
+"""One recorder per model version: Triton-style cumulative statistics plus its Prometheus children.
+
+Everything the request path observes about a model version goes through its ``ModelStats`` (``served.stats``),
+once: the inference core reports each finished request, the batcher (or the inline path) each executed run.
+The counters mirror Triton's ``ModelStatistics`` (success/fail, queue, compute_input, compute_infer,
+compute_output as count + nanoseconds; inference and execution counts; per-batch-size execution stats;
+the last inference time in Unix milliseconds), so a statistics RPC or ``nv_inference_*`` metrics read
+them with ``snapshot()``. The Prometheus children are resolved once here; with metrics off they are None
+and recording costs a few integer additions.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
+__all__ = ["BatchStats", "Duration", "ModelStats", "StatsSnapshot"]
+
+_NS = 1_000_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Duration:
+    """A cumulative (count, total nanoseconds) pair: Triton's StatisticDuration."""
+
+    count: int = 0
+    ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStats:
+    """Executions of one batch size: Triton's InferBatchStatistics."""
+
+    batch_size: int
+    compute_input: Duration
+    compute_infer: Duration
+    compute_output: Duration
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSnapshot:
+    """A consistent copy of one model version's counters (Triton's ModelStatistics fields)."""
+
+    name: str
+    version: str
+    last_inference_ms: int
+    inference_count: int
+    execution_count: int
+    success: Duration
+    fail: Duration
+    queue: Duration
+    compute_input: Duration
+    compute_infer: Duration
+    compute_output: Duration
+    batch_stats: tuple[BatchStats, ...]
+
+
+class ModelStats:
+    """The cumulative counters of one model version, safe to update from the loop and worker threads."""
+
+    def __init__(self, metrics: Metrics | None, model: str, version: str) -> None:
+        self.model = model
+        self.version = version
+        self._lock = threading.Lock()
+        self._success = [0, 0]
+        self._fail = [0, 0]
+        self._queue = [0, 0]
+        self._input = [0, 0]
+        self._infer = [0, 0]
+        self._output = [0, 0]
+        self.inference_count = 0
+        self.execution_count = 0
+        self.last_inference_ms = 0
+        self._batches: dict[int, list[int]] = {}  # size -> [count, infer ns]
+        # Prometheus children of this (model, version); None when metrics are off.
+        series = metrics._get(model, version) if metrics is not None and metrics.enabled else None
+        self._series: Any = series
+        if series is not None:
+            self._batch_hist = series.batch
+            self._queue_hist = series.stages["queue"]
+            self._depth_gauge = series.queue_depth
+            self._stage_hist = series.stages
+        # Seconds one single-image run took, smoothed: the inline-vs-batcher decision reads it.
+        self.single_run_s = 0.0
+
+    # ---- the request path (event loop) ---------------------------------------------------------------
+
+    def started(self, api: str) -> None:
+        """A request for this version entered the core."""
+        if self._series is not None:
+            self._series.api_children(api)[1].inc()
+
+    def finished(self, api: str, code: str, reason: str, seconds: float, images: int) -> None:
+        """A request left the core: ``code`` is the status name, ``reason`` the failure's ("" on success)."""
+        ns = int(seconds * _NS)
+        with self._lock:
+            acc = self._fail if reason else self._success
+            acc[0] += 1
+            acc[1] += ns
+        s = self._series
+        if s is not None:
+            duration, inflight = s.api_children(api)
+            inflight.dec()
+            duration.observe(seconds)
+            s.requests(api, code).inc()
+            if reason:
+                s.failures(api, reason).inc()
+            elif images:
+                s.images(api).inc(images)
+
+    def compute_input(self, seconds: float) -> None:
+        """Decode/convert/normalise time of one request (Triton's compute_input)."""
+        with self._lock:
+            self._input[0] += 1
+            self._input[1] += int(seconds * _NS)
+        if self._series is not None:
+            self._stage_hist["preprocess"].observe(seconds)
+
+    def compute_output(self, seconds: float) -> None:
+        """Softmax/top-k/reply-building time of one request (Triton's compute_output)."""
+        with self._lock:
+            self._output[0] += 1
+            self._output[1] += int(seconds * _NS)
+        if self._series is not None:
+            self._stage_hist["postprocess"].observe(seconds)
+
+    # ---- executions (worker threads or the inline path) --------------------------------------------
+
+    def on_batch(self, size: int, infer_seconds: float) -> None:
+        """One ONNX Runtime run of ``size`` images took ``infer_seconds``."""
+        ns = int(infer_seconds * _NS)
+        with self._lock:
+            self.execution_count += 1
+            self.inference_count += size
+            self._infer[0] += 1
+            self._infer[1] += ns
+            b = self._batches.get(size)
+            if b is None:
+                b = self._batches[size] = [0, 0]
+            b[0] += 1
+            b[1] += ns
+            self.last_inference_ms = int(time.time() * 1000)
+            if size == 1:
+                prev = self.single_run_s
+                self.single_run_s = infer_seconds if prev == 0.0 else 0.9 * prev + 0.1 * infer_seconds
+        if self._series is not None:
+            self._batch_hist.observe(size)
+            self._stage_hist["inference"].observe(infer_seconds)
+
+    def on_dequeue(self, wait_seconds: float) -> None:
+        """A request's first images left the batcher queue after ``wait_seconds``."""
+        with self._lock:
+            self._queue[0] += 1
+            self._queue[1] += int(wait_seconds * _NS)
+        if self._series is not None:
+            self._queue_hist.observe(wait_seconds)
+
+    def on_depth(self, depth: int) -> None:
+        """Images waiting in the batcher queue now."""
+        if self._series is not None:
+            self._depth_gauge.set(depth)
+
+    # ---- reading ------------------------------------------------------------------------------------
+
+    def snapshot(self) -> StatsSnapshot:
+        """All counters at one instant."""
+        with self._lock:
+            return StatsSnapshot(
+                name=self.model,
+                version=self.version,
+                last_inference_ms=self.last_inference_ms,
+                inference_count=self.inference_count,
+                execution_count=self.execution_count,
+                success=Duration(*self._success),
+                fail=Duration(*self._fail),
+                queue=Duration(*self._queue),
+                compute_input=Duration(*self._input),
+                compute_infer=Duration(*self._infer),
+                compute_output=Duration(*self._output),
+                batch_stats=tuple(
+                    BatchStats(size, Duration(), Duration(c, ns), Duration())
+                    for size, (c, ns) in sorted(self._batches.items())
+                ),
+            )
