@@ -21,8 +21,11 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY protos ./protos
+COPY cli ./cli
+COPY common ./common
+COPY testing ./testing
 COPY client ./client
 COPY server ./server
 COPY models ./models
@@ -42,8 +45,11 @@ RUN apt-get update \
 WORKDIR /src
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY protos ./protos
+COPY cli ./cli
+COPY common ./common
+COPY testing ./testing
 COPY client ./client
 COPY server ./server
 COPY models ./models
@@ -86,8 +92,11 @@ FROM ${PYTHON_IMAGE} AS train
 ARG TORCH_INDEX_URL
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY protos ./protos
+COPY cli ./cli
+COPY common ./common
+COPY testing ./testing
 COPY client ./client
 COPY server ./server
 COPY models ./models

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from convserve.server.model_config import MODEL_FILE, ModelConfig, ModelConfigError, write_config
+from convserve.common.model_config import MODEL_FILE, ModelConfig, ModelConfigError, write_config
 from torch import nn
 
 from .functional import ONNX_OPSET, onnx_translation_table

@@ -18,11 +18,11 @@ def add_commands(subparsers: Any) -> None:
         "taken from its flag, else CONVSERVE_<SETTING>, else the --config file, else the default.",
     )
     add_arguments(parser)
-    parser.set_defaults(func=_serve)
+    parser.set_defaults(func=_serve, extra="server")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from convserve.client.cli import CommandError
+    from convserve.common.commands import CommandError
 
     from .app import serve_forever
     from .settings import SettingsError, from_args

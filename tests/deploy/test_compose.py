@@ -134,7 +134,7 @@ def test_gpu_variant_reserves_an_nvidia_device_and_tries_cuda_first(
 def test_train_job_runs_real_convserve_commands_into_the_mounted_repository(
     compose: dict[str, Any], dockerfile: Any, settings: Any
 ) -> None:
-    from convserve.client.cli import build_parser
+    from convserve.cli import build_parser
 
     service = compose["services"]["train"]
     assert service["build"]["target"] == "train" and service["restart"] == "no"

@@ -74,7 +74,7 @@ def test_serving_image_installs_the_server_extra_only(dockerfile: Any) -> None:
     for name, builder in (("cpu", "build"), ("gpu", "gpu-build")):
         copies = dockerfile.stages[name].args_of("COPY")
         assert f"--from={builder} /opt/venv /opt/venv" in copies
-        assert not any(c.split()[0] in {"server", "client", "models", "."} for c in copies)
+        assert not any(c.split()[0] in {"server", "client", "cli", "common", "models", "."} for c in copies)
     (train,) = [a for a in dockerfile.stages["train"].args_of("RUN") if "pip install" in a]
     assert "/src[train]" in train and "--extra-index-url=" in train
 
@@ -88,7 +88,7 @@ def test_runs_as_a_numeric_non_root_user(dockerfile: Any, stage: str) -> None:
 
 @pytest.mark.parametrize("stage", SERVING_STAGES)
 def test_exec_form_entrypoint_runs_convserve_serve(dockerfile: Any, stage: str) -> None:
-    from convserve.client.cli import build_parser
+    from convserve.cli import build_parser
 
     entrypoint = dockerfile.stages[stage].exec_form("ENTRYPOINT")
     assert entrypoint[:2] == ["convserve", "serve"]
@@ -102,7 +102,7 @@ def test_healthcheck_asks_convserve_health_on_the_configured_grpc_port(
     dockerfile: Any, settings_from_env: Any, stage: str, grpc_port: int | None
 ) -> None:
     """The port comes from the container's CONVSERVE_GRPC_PORT: `-e CONVSERVE_GRPC_PORT=...` stays healthy."""
-    from convserve.client.cli import build_parser
+    from convserve.cli import build_parser
 
     s = dockerfile.stages[stage]
     env = {k: v for k, v in s.env().items() if k.startswith("CONVSERVE_")}
@@ -220,8 +220,12 @@ def test_dockerignore_keeps_environments_caches_and_artefacts_out(dockerfile: An
     assert {
         "pyproject.toml",
         "README.md",
+        "LICENSE",
         "server",
         "client",
+        "cli",
+        "common",
+        "testing",
         "models",
         "protos",
         "model_repository",
@@ -247,7 +251,13 @@ def _train_only_modules() -> list[str]:
     def names(extra: str | None) -> set[str]:
         reqs = requires("convserve") or []
         chosen = [r for r in reqs if (f'extra == "{extra}"' in r if extra else "extra ==" not in r)]
-        return {re.split(r"[\s;<>=!~\[]", r, maxsplit=1)[0].lower().replace("_", "-") for r in chosen}
+        found = set()
+        for r in chosen:
+            if inner := re.match(r"convserve\[([\w,-]+)\]", r):  # an extra that includes others
+                found |= set().union(*(names(e) for e in inner[1].split(",")))
+            else:
+                found.add(re.split(r"[\s;<>=!~\[]", r, maxsplit=1)[0].lower().replace("_", "-"))
+        return found
 
     train_only = names("train") - names("server") - names(None)
     modules = {
@@ -267,7 +277,7 @@ def test_serve_and_health_work_without_the_train_extra(model_repository: Path, t
         "import sys\n"
         f"for name in {_train_only_modules()!r}:\n"
         "    sys.modules[name] = None  # import fails, as in the serving image\n"
-        "from convserve.client.cli import main\n"
+        "from convserve.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     port_file, log = tmp_path / "ports.json", tmp_path / "serve.log"

@@ -77,7 +77,8 @@ def test_the_validator_rejects_unknown_fields_and_wrong_types(deployment: dict[s
 def test_container_matches_the_image_and_the_server_settings(
     container: dict[str, Any], settings: Any, dockerfile: Any, compose: dict[str, Any]
 ) -> None:
-    assert container["image"] == compose["services"]["convserve"]["image"]
+    # compose names it `${CONVSERVE_IMAGE:-<default>}`: the default is the image both deploy.
+    assert f"${{CONVSERVE_IMAGE:-{container['image']}}}" == compose["services"]["convserve"]["image"]
     assert "command" not in container and "args" not in container  # the image's `convserve serve`
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": settings.grpc_port, "metrics": settings.metrics_port}

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
-CONVSERVE = [sys.executable, "-m", "convserve.client.cli"]
+CONVSERVE = [sys.executable, "-m", "convserve.cli"]
 GRACE_S = 10
 MODEL = ROOT / "model_repository" / "digits_lenet" / "1" / "model.onnx"
 
