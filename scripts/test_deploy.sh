@@ -76,12 +76,14 @@ base_image() {
 python_image="$(base_image python:3.11.13-slim-bookworm convserve-base/python:3.11-bookworm \
   python3 python3-venv python-is-python3)"
 log "python base: $python_image"
+# Prometheus and HAProxy share one rootfs (one mmdebstrap run, one layer on disk): the same packages
+# and hook give debian_image.sh the same cache key, so the second image is only an import.
+tools=(--user 65534 --hook 'mkdir -p "$1/prometheus" && chown 65534:65534 "$1/prometheus"' prometheus haproxy)
 prometheus_image="$(base_image prom/prometheus:v2.55.1 convserve-base/prometheus:bookworm \
-  --entrypoint '["/usr/bin/prometheus"]' --user 65534 \
-  --hook 'mkdir -p "$1/prometheus" && chown 65534:65534 "$1/prometheus"' prometheus)"
+  --entrypoint '["/usr/bin/prometheus"]' "${tools[@]}")"
 log "prometheus: $prometheus_image"
 lb_image="$(base_image haproxy:3.0.5-bookworm convserve-base/haproxy:bookworm \
-  --cmd '["/usr/sbin/haproxy", "-W", "-db", "-f", "/usr/local/etc/haproxy/haproxy.cfg"]' --user 65534 haproxy)"
+  --cmd '["/usr/sbin/haproxy", "-W", "-db", "-f", "/usr/local/etc/haproxy/haproxy.cfg"]' "${tools[@]}")"
 log "load balancer: $lb_image"
 
 image="convserve:$run_id"
