@@ -63,9 +63,18 @@ def test_stack_balances_over_two_replicas_prometheus_scrapes_both_and_stop_drain
         for cid in replicas:  # each replica SERVING on its own published port before counting
             with Client(f"127.0.0.1:{deploy.published_port(cid, 8001)}", timeout=5) as client:
                 client.wait_until_ready(timeout=60)
-        before = {cid: _requests_total(port) for cid, port in metrics.items()}
         with Client(f"127.0.0.1:{lb_port}", timeout=10) as client:  # one channel: one HTTP/2 connection
             client.wait_until_ready(timeout=60)
+
+            # The balancer learns replicas from DNS every 5 s and health-checks them every 2 s: call
+            # (a bounded number of times) until each replica has answered one call through it.
+            def every_replica_reached() -> bool:
+                client.classify(image)
+                return all(_requests_total(port) > 0 for port in metrics.values())
+
+            deploy.wait_for("the balancer reaching both replicas", every_replica_reached, timeout=30,
+                            interval=0.1)
+            before = {cid: _requests_total(port) for cid, port in metrics.items()}
             labels = {client.classify(image).top.label for _ in range(CALLS)}
         assert len(labels) == 1  # the same model answers, whichever replica
         served = {cid: _requests_total(port) - before[cid] for cid, port in metrics.items()}
