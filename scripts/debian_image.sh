@@ -37,6 +37,7 @@ cache="${DEBIAN_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/convserve/debian-im
 
 command -v mmdebstrap >/dev/null 2>&1 || {
   command -v apt-get >/dev/null 2>&1 || { echo "debian_image: mmdebstrap missing and no apt-get" >&2; exit 1; }
+  timeout 300 apt-get update -q >/dev/null
   DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -q --no-install-recommends mmdebstrap >/dev/null
 }
 
