@@ -232,22 +232,23 @@ def native_record(line: str) -> tuple[int, str, dict[str, Any]]:
     return logging.WARNING, line, {"source": "stderr"}
 
 
+_native_stream: TextIO | None = None
+
+
 def route_native_logs(level: str = "INFO") -> TextIO:
     """Send every line written to file descriptor 2 (ONNX Runtime's logger, gRPC core, Python's own
     last-resort output) through the `convserve.native` logger, so `--log-format json` means every line
     is JSON. Returns a stream on the original stderr: give it to configure_logging(stream=...), or the
     handler would feed its own pipe. Sets ONNX Runtime's severity from `level`. Undone at exit, after
-    the pipe is drained."""
+    the pipe is drained. Call it before onnxruntime is first imported (that import already logs);
+    a second call returns the same stream."""
+    global _native_stream
+    if _native_stream is not None:
+        return _native_stream
     import atexit
     import os
     import threading
 
-    try:
-        import onnxruntime as ort
-    except ImportError:  # the stderr route still covers gRPC core
-        pass
-    else:
-        ort.set_default_logger_severity(_ORT_SEVERITY.get(level.upper(), 2))
     sys.stderr.flush()
     original = os.dup(2)
     read_fd, write_fd = os.pipe()
@@ -272,4 +273,12 @@ def route_native_logs(level: str = "INFO") -> TextIO:
         reader.join(timeout=2.0)
 
     atexit.register(restore)
+    # Only now: importing ONNX Runtime already logs (its telemetry set-up warns on a read-only home).
+    try:
+        import onnxruntime as ort
+    except ImportError:  # the stderr route still covers gRPC core
+        pass
+    else:
+        ort.set_default_logger_severity(_ORT_SEVERITY.get(level.upper(), 2))
+    _native_stream = out
     return out
