@@ -24,7 +24,7 @@ cleanup() {
   trap - EXIT INT TERM
   if [ -n "${DOCKER_HOST+set}" ]; then
     # Projects and containers the tests left (they clean up themselves; this covers a killed run).
-    for project in $(timeout 30 docker ps -aq --filter "label=com.docker.compose.project" \
+    for project in $(timeout 30 docker ps -a --filter "label=com.docker.compose.project" \
         --format '{{.Label "com.docker.compose.project"}}' 2>/dev/null | sort -u | grep "^$run_id" || true); do
       timeout 120 "$BIN/docker-compose" -p "$project" down -v --remove-orphans --timeout 5 >/dev/null 2>&1 || true
     done
