@@ -62,7 +62,10 @@ if [ ! -s "$tarball" ]; then
     "$SUITE" "$tarball.part" \
     "deb $MIRROR $SUITE main" "deb $MIRROR $SUITE-updates main" "deb $SECURITY_MIRROR $SUITE-security main"
   mv "$tarball.part" "$tarball"
+  # Keys change weekly: drop rootfs tarballs no run has used for two weeks.
+  find "$cache" -maxdepth 1 -name '*.tar' -atime +14 -delete 2>/dev/null || true
 fi
+touch -a "$tarball"
 
 changes=(--change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
          --change 'ENV LANG=C.UTF-8')
