@@ -25,8 +25,8 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from convserve.server.app import loopback_command
 from convserve.server.model_config import load_config
+from convserve.testing import loopback_command
 
 from . import models
 from .loadgen import Result, merge
