@@ -259,4 +259,11 @@ def serve_forever(settings: Settings) -> int:
     (1 when it cannot start: a busy port, an unreadable certificate or token file)."""
     logging_setup.configure_logging(settings.log_level, settings.log_format, settings.access_log)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    if settings.event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:  # not installed (e.g. Windows): asyncio's loop serves the same, a little slower
+            log.warning("uvloop is not installed; serving on asyncio's event loop")
+        else:
+            return uvloop.run(_serve(settings))
     return asyncio.run(_serve(settings))
