@@ -37,7 +37,7 @@ from .loadgen import Result, merge
 log = logging.getLogger("benchmarks")
 
 CONCURRENCY = (1, 8, 32)
-SERVERS = ("empty", "plain", "convserve", "convserve-nometrics", "convserve-asyncio")
+SERVERS = ("empty", "plain", "convserve", "convserve-nometrics", "convserve-asyncio", "convserve-noinline")
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,8 @@ def convserve_server(repository: Path, work: Path, variant: str) -> ServerContex
     flags = ["--model-repository", str(repository), "--log-level", "WARNING"]
     if variant == "convserve-asyncio":
         flags += ["--event-loop", "asyncio"]
+    if variant == "convserve-noinline":
+        flags += ["--inline-inference-us", "0"]
     cmd = loopback_command(port_file, *flags, metrics_port=-1 if variant == "convserve-nometrics" else 0)
     return _process(cmd, port_file, work / "servers.log")
 
@@ -220,9 +222,9 @@ def plan(quick: bool, lenet: str, resnet: str | None, concurrency: tuple[int, ..
             cases += [Case(srv, lenet, api, 1, c) for srv in ("empty", "plain", "convserve")]
         if c > 1:
             cases.append(Case("convserve", lenet, "stream", 1, c))
-    for c in (1, 32):
-        cases += [Case("convserve-nometrics", lenet, "classify", 1, c),
-                  Case("convserve-asyncio", lenet, "classify", 1, c)]
+    for c in (1, 32):  # each design choice measured against the same server without it
+        cases += [Case(srv, lenet, "classify", 1, c)
+                  for srv in ("convserve-nometrics", "convserve-asyncio", "convserve-noinline")]
     # batch-64 requests: at most 8 in flight keeps them inside the default 1024-image queue bound
     for c in (1, 4) if quick else (1, 4, 8):
         for api in ("classify", "v2"):
@@ -369,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="lenet,resnet", help="rows of: lenet, resnet or both")
     p.add_argument("--only", default="", help=f"comma-separated servers to run ({','.join(SERVERS)}); "
                                              "default all")
+    p.add_argument("--apis", default="classify,v2,stream", help="comma-separated APIs to run; default all")
     p.add_argument("--no-stall", action="store_true", help="skip the 16-megapixel head-of-line check")
     p.add_argument("--repeat", type=int, help="rounds over all rows, medians reported (default 3, quick 2)")
     p.add_argument("--out", type=Path, default=models.REPO_ROOT / "bench_results")
@@ -407,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         keep = set(a.only.split(","))
         cases = [c for c in cases if c.server in keep]
     wanted = {{"lenet": models.LENET, "resnet": models.RESNET}[m] for m in a.models.split(",")}
-    cases = [c for c in cases if c.model in wanted]
+    cases = [c for c in cases if c.model in wanted and c.api in a.apis.split(",")]
     shapes = {m: shape for m, shape in shapes.items() if any(c.model == m for c in cases)}
 
     servers = [srv for srv in SERVERS if any(c.server == srv for c in cases)]

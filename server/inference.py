@@ -71,8 +71,8 @@ INLINE_DECODE_PIXELS = 65_536
 INLINE_HEADERS = 16
 # Tensor elements converted/checked on the loop; bigger tensors go to the pool (~1 ms per 1M elements).
 INLINE_TENSOR_ELEMENTS = 1_000_000
-# Reply cells (rows x values) built on the loop; bigger replies are built in the pool.
-INLINE_REPLY_CELLS = 32_768
+# Estimated reply bytes built on the loop (~1 ms of work); bigger replies are built in the pool.
+INLINE_REPLY_BYTES = 256 * 1024
 # Bytes a reply needs beyond its numbers: per classification entry (index, probability, framing), per
 # output and per reply. Deliberately generous: the bound must refuse before building, never after.
 _ENTRY_OVERHEAD = 24
@@ -281,6 +281,9 @@ class InferenceCore:
         workers = settings.cpu_workers or os.cpu_count() or 1
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="convserve-cpu")
         self.pixels = PixelBudget(settings.decode_pixels_in_flight)
+        self._plans: dict[
+            tuple[ServedModel, tuple[RequestedOutput, ...]], tuple[tuple[RequestedOutput, ...], int]
+        ] = {}
 
     def close(self) -> None:
         """Stop the CPU pool; work already handed to it finishes (it checks its stop flag)."""
@@ -344,12 +347,17 @@ class InferenceCore:
     ) -> tuple[T | InferenceResult, int]:
         cfg = served.cfg
         stop = _Stop(request.deadline, request.cancel, served.name)
-        outputs = self._plan_outputs(request, cfg)
+        outputs, reply_bytes_per_image = self._plan(served, request)
         inputs = request.inputs(cfg) if callable(request.inputs) else request.inputs
         n = self._count(inputs)
         if request.trace is not None:
             request.trace.images = n
-        self._bound_reply(outputs, n, cfg)
+        reply_bytes = _REPLY_OVERHEAD + n * reply_bytes_per_image
+        if reply_bytes > self.max_reply_bytes:  # refused before any work, not after building it
+            raise ReplyTooLargeError(
+                f"outputs: the reply for {n} images would be about {reply_bytes} bytes, over the largest "
+                f"message this server sends ({self.max_reply_bytes} bytes); request fewer images or classes"
+            )
         stop()
 
         t0 = time.perf_counter()
@@ -360,7 +368,6 @@ class InferenceCore:
         raw = await served.infer(batch, request.deadline)
 
         t0 = time.perf_counter()
-        cells = n * max((o.classification or cfg.num_classes) for o in outputs)
 
         def finish() -> T | InferenceResult:
             result = InferenceResult(
@@ -373,7 +380,7 @@ class InferenceCore:
             )
             return result if encode is None else encode(result)
 
-        if cells <= INLINE_REPLY_CELLS:
+        if n * reply_bytes_per_image <= INLINE_REPLY_BYTES:
             reply = finish()
         else:
             stop()
@@ -381,23 +388,45 @@ class InferenceCore:
         served.stats.compute_output(time.perf_counter() - t0)
         return reply, n
 
-    def _plan_outputs(self, request: InferenceRequest, cfg: ModelConfig) -> list[RequestedOutput]:
-        """Requested outputs with k resolved; duplicates refused before anything is built."""
-        wanted = request.outputs(cfg) if callable(request.outputs) else request.outputs
+    def _plan(
+        self, served: ServedModel, request: InferenceRequest
+    ) -> tuple[tuple[RequestedOutput, ...], int]:
+        """The outputs to build (names checked, k resolved, duplicates refused) and the reply bytes each
+        image adds, cached per (model version, requested outputs): most requests ask the same thing."""
+        wanted = request.outputs(served.cfg) if callable(request.outputs) else request.outputs
+        key = (served, wanted if type(wanted) is tuple else tuple(wanted))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._make_plan(served.cfg, key[1])
+            if len(self._plans) >= 256:  # bounded: reloads and odd requests make new keys
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def _make_plan(
+        self, cfg: ModelConfig, wanted: tuple[RequestedOutput, ...]
+    ) -> tuple[tuple[RequestedOutput, ...], int]:
         plan: list[RequestedOutput] = []
         seen: set[str] = set()
-        for out in wanted:
+        longest_label = max((len(label.encode()) for label in cfg.labels), default=0)
+        per_image = 0
+        for i, out in enumerate(wanted):
             name = out.name or cfg.output.name
+            if name != cfg.output.name:
+                raise InvalidInputError(f"outputs[{i}].name: expected {cfg.output.name!r}, got {name!r}")
             if name in seen:
                 raise InvalidInputError(
                     f"outputs: {name!r} is requested more than once; expected each output at most once"
                 )
             seen.add(name)
             k = out.classification
-            if k is not None:
+            if k is None:
+                per_image += cfg.num_classes * 4
+            else:
                 k = resolve_top_k(k, cfg.num_classes, self.settings.top_k, out.where)
+                per_image += k * (longest_label + _ENTRY_OVERHEAD)
             plan.append(RequestedOutput(name, k, out.where))
-        return plan
+        return tuple(plan), per_image
 
     def _count(self, inputs: Sequence[Input]) -> int:
         """Images in the request (tensor rows included), refused past the per-request limit."""
@@ -418,21 +447,6 @@ class InferenceCore:
                 "split the request or raise --max-images-per-request"
             )
         return n
-
-    def _bound_reply(self, outputs: list[RequestedOutput], n: int, cfg: ModelConfig) -> None:
-        """Refuse up front a reply that could not be sent (over the largest message), before any work."""
-        longest_label = max((len(label.encode()) for label in cfg.labels), default=0)
-        size = _REPLY_OVERHEAD
-        for out in outputs:
-            if out.classification is None:
-                size += n * cfg.num_classes * 4
-            else:
-                size += n * out.classification * (longest_label + _ENTRY_OVERHEAD)
-        if size > self.max_reply_bytes:
-            raise ReplyTooLargeError(
-                f"outputs: the reply for {n} images would be about {size} bytes, over the largest message "
-                f"this server sends ({self.max_reply_bytes} bytes); request fewer images or fewer classes"
-            )
 
     async def _preprocess(self, served: ServedModel, inputs: Sequence[Input], stop: _Stop) -> np.ndarray:
         """Inputs → one (N, C, H, W) float32 batch, in request order; expensive parts off the loop."""

@@ -85,8 +85,6 @@ class ModelStats:
             self._queue_hist = series.stages["queue"]
             self._depth_gauge = series.queue_depth
             self._stage_hist = series.stages
-        # Seconds one single-image run took, smoothed: the inline-vs-batcher decision reads it.
-        self.single_run_s = 0.0
 
     # ---- the request path (event loop) ---------------------------------------------------------------
 
@@ -145,9 +143,6 @@ class ModelStats:
             b[0] += 1
             b[1] += ns
             self.last_inference_ms = int(time.time() * 1000)
-            if size == 1:
-                prev = self.single_run_s
-                self.single_run_s = infer_seconds if prev == 0.0 else 0.9 * prev + 0.1 * infer_seconds
         if self._series is not None:
             self._batch_hist.observe(size)
             self._stage_hist["inference"].observe(infer_seconds)
