@@ -243,6 +243,17 @@ class PixelBudget:
             fut.set_result(None)
 
 
+class _Times:
+    """What one request's accounting needs from the stages it got through."""
+
+    __slots__ = ("images", "input_s", "output_s")
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.input_s: float | None = None
+        self.output_s: float | None = None
+
+
 class _Abandoned(Exception):
     """Raised at a checkpoint of a request whose caller went away (pool threads cannot be cancelled)."""
 
@@ -311,11 +322,10 @@ class InferenceCore:
             trace.version = served.version_label
         stats = served.stats
         stats.started(api)
-        code, reason, images = "OK", "", 0
+        code, reason = "OK", ""
+        times = _Times()
         try:
-            reply = await self._run(served, request, encode)
-            images = reply[1]
-            return reply[0]
+            return await self._run(served, request, encode, times)
         except asyncio.CancelledError:
             request.cancel.set()  # work already in the pool stops at its next checkpoint
             code = "CANCELLED"
@@ -328,7 +338,9 @@ class InferenceCore:
             code, reason = f.code.name, f.reason
             raise
         finally:
-            stats.finished(api, code, reason, time.perf_counter() - start, images)
+            stats.finished(
+                api, code, reason, time.perf_counter() - start, times.images, times.input_s, times.output_s
+            )
 
     def _lookup(self, request: InferenceRequest, api: str, start: float) -> ServedModel:
         """Resolve the version to run; a failed lookup is still counted, under the model label (or "")."""
@@ -343,8 +355,12 @@ class InferenceCore:
             raise
 
     async def _run(
-        self, served: ServedModel, request: InferenceRequest, encode: Callable[[InferenceResult], T] | None
-    ) -> tuple[T | InferenceResult, int]:
+        self,
+        served: ServedModel,
+        request: InferenceRequest,
+        encode: Callable[[InferenceResult], T] | None,
+        times: _Times,
+    ) -> T | InferenceResult:
         cfg = served.cfg
         stop = _Stop(request.deadline, request.cancel, served.name)
         outputs, reply_bytes_per_image = self._plan(served, request)
@@ -362,7 +378,7 @@ class InferenceCore:
 
         t0 = time.perf_counter()
         batch = await self._preprocess(served, inputs, stop)
-        served.stats.compute_input(time.perf_counter() - t0)
+        times.input_s = time.perf_counter() - t0
         stop()
 
         raw = await served.infer(batch, request.deadline)
@@ -385,8 +401,9 @@ class InferenceCore:
         else:
             stop()
             reply = await self._in_pool(finish)
-        served.stats.compute_output(time.perf_counter() - t0)
-        return reply, n
+        times.output_s = time.perf_counter() - t0
+        times.images = n
+        return reply
 
     def _plan(
         self, served: ServedModel, request: InferenceRequest
@@ -451,6 +468,11 @@ class InferenceCore:
     async def _preprocess(self, served: ServedModel, inputs: Sequence[Input], stop: _Stop) -> np.ndarray:
         """Inputs → one (N, C, H, W) float32 batch, in request order; expensive parts off the loop."""
         cfg = served.cfg
+        if len(inputs) == 1:
+            only = inputs[0]
+            if type(only) is TensorInput and math.prod(only.shape) <= INLINE_TENSOR_ELEMENTS:
+                arr = _tensor(only, cfg)  # the common case: one small tensor, wrapped without a copy
+                return arr if arr.ndim == 4 else arr[None]
         parts: list[np.ndarray | None] = [None] * len(inputs)
         encoded: list[int] = []
         big_tensors: list[int] = []

@@ -206,7 +206,7 @@ def _inputs(request: pb.ModelInferRequest, cfg: ModelConfig) -> list[Input]:
     raw = request.raw_input_contents
     if raw and len(raw) != 1:
         raise InvalidInputError(f"raw_input_contents: expected one entry (one per input), got {len(raw)}")
-    shape = tuple(int(d) for d in inp.shape)
+    shape = tuple(inp.shape)
     if inp.datatype == "FP32":
         if len(shape) != 4:
             raise InvalidInputError(

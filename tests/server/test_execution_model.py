@@ -231,8 +231,12 @@ def test_core_serves_without_a_transport_and_keeps_triton_style_stats(
 
 
 def test_metrics_on_costs_little_over_metrics_off(model_repository: Path) -> None:
-    """The core's CPU per request with metrics on stays within 25% of metrics off (target: 5% of the whole
-    server's CPU per request, which gRPC dominates; benchmarks/run.py measures that)."""
+    """Recording a request (Prometheus children + Triton-style counters) costs the core a few µs of CPU.
+
+    The target is metrics on vs off within 5% of the server's CPU per request, which benchmarks/run.py
+    measures end to end (≥ 400 µs per LeNet request there, most of it gRPC). Here the recording cost alone
+    is measured in the real core, interleaved rounds and medians, and must stay under 35 µs (generous for
+    a shared machine; measured ~10 µs): one recorder per version, no label lookups on the hot path."""
     x = np.zeros((1, 1, 8, 8), np.float32)
 
     def timed(enabled: bool) -> list[float]:
@@ -254,8 +258,8 @@ def test_metrics_on_costs_little_over_metrics_off(model_repository: Path) -> Non
     for _ in range(2):  # interleaved, medians
         on += timed(True)
         off += timed(False)
-    ratio = float(np.median(on) / np.median(off))
-    assert ratio < 1.25, f"metrics on costs {ratio:.2f}x metrics off per request in the core"
+    extra_us = (float(np.median(on)) - float(np.median(off))) * 1e6
+    assert extra_us < 35, f"metrics add {extra_us:.1f} µs per request (on {np.median(on) * 1e6:.1f} µs)"
 
 
 def test_batching_policy_is_typed_frozen_and_validated_once() -> None:
