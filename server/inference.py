@@ -316,7 +316,7 @@ class InferenceCore:
         """
         start = time.perf_counter()
         api = request.api if request.api in API_NAMES else "other"
-        served = self._lookup(request, api, start)
+        served = self._lookup(request, api)
         trace = request.trace
         if trace is not None:
             trace.version = served.version_label
@@ -342,7 +342,7 @@ class InferenceCore:
                 api, code, reason, time.perf_counter() - start, times.images, times.input_s, times.output_s
             )
 
-    def _lookup(self, request: InferenceRequest, api: str, start: float) -> ServedModel:
+    def _lookup(self, request: InferenceRequest, api: str) -> ServedModel:
         """Resolve the version to run; a failed lookup is still counted, under the model label (or "")."""
         try:
             return self.repository.resolve(request.model, request.version, request.model_field)
