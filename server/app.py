@@ -279,4 +279,11 @@ def serve_forever(settings: Settings) -> int:
     stream = logging_setup.route_native_logs(settings.log_level) if settings.log_format == "json" else None
     logging_setup.configure_logging(settings.log_level, settings.log_format, settings.access_log, stream)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    if settings.event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:  # not installed (e.g. Windows): asyncio's loop serves the same, a little slower
+            log.warning("uvloop is not installed; serving on asyncio's event loop")
+        else:
+            return uvloop.run(_serve(settings))
     return asyncio.run(_serve(settings))
