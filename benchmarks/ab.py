@@ -28,13 +28,17 @@ def _convserve(
     repository: Path, work: Path, name: str, extra: list[str]
 ) -> contextlib.AbstractContextManager:
     port_file = work / f"ab-{name}-{time.monotonic_ns()}.json"
-    # Leading "@switch=S" / "@opt=KEY=VALUE" flags run the server with sys.setswitchinterval(S) and extra
-    # grpc.aio server options: experiments that need no server setting.
+    # Leading "@switch=S" / "@opt=KEY=VALUE" / "@env=KEY=VALUE" flags run the server with
+    # sys.setswitchinterval(S), extra grpc.aio server options or an environment variable: experiments
+    # that need no server setting.
     pre = []
     while extra and extra[0].startswith("@"):
         key, _, value = extra.pop(0)[1:].partition("=")
         if key == "switch":
             pre.append(f"sys.setswitchinterval({float(value)})")
+        elif key == "env":  # an environment variable set in the server process before it starts
+            k, _, v = value.partition("=")
+            pre.append(f"import os; os.environ[{k!r}] = {v!r}")
         elif key == "opt":
             k, _, v = value.partition("=")
             pre.append(f"_o.append(({k!r}, {int(v) if v.lstrip('-').isdigit() else v!r}))")
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from convserve.server.model_config import load_config
 
     shape = tuple(load_config(repository / models.LENET).input.shape)
-    results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+    results: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="convserve-ab-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         targets = {name: stack.enter_context(_convserve(repository, work, name, extra))
@@ -84,21 +88,25 @@ def main(argv: list[str] | None = None) -> int:
                 for name in order:
                     api = "classify" if name == "baseline" and a.api == "stream" else a.api
                     case = Case(name, models.LENET, api, 1, c)
-                    sm = drive(targets[name], case, shape, a.warmup, a.duration, 1, work)[0].summary()
-                    results.setdefault((name, c), []).append((sm["images_per_s"], sm["p50_ms"], sm["p99_ms"]))
+                    res, cpu = drive(targets[name], case, shape, a.warmup, a.duration, 1, work)
+                    sm = res.summary()
+                    cpu_us = 1e6 * cpu / max(1, int(sm["requests"]))  # server CPU per request, all threads
+                    results.setdefault((name, c), []).append(
+                        (sm["images_per_s"], sm["p50_ms"], sm["p99_ms"], cpu_us))
                     print(f"round {rnd + 1} C={c:<3} {name:<12} {sm['images_per_s']:8.0f} img/s "
-                          f"p50 {sm['p50_ms']:.2f} p99 {sm['p99_ms']:.2f} ms  load {os.getloadavg()[0]:.1f}",
-                          flush=True)
+                          f"p50 {sm['p50_ms']:.2f} p99 {sm['p99_ms']:.2f} ms  cpu {cpu_us:5.0f} us/req  "
+                          f"load {os.getloadavg()[0]:.1f}", flush=True)
     print(f"\nmedians over {a.rounds} rounds ({a.api}; ratio = img/s over the baseline's in the same round)")
     for c in conc:
         for name in targets:
             rs = results[(name, c)]
-            ips, p50, p99 = (float(np.median([r[i] for r in rs])) for i in range(3))
+            ips, p50, p99, cpu_us = (float(np.median([r[i] for r in rs])) for i in range(4))
             ratio = ""
             if "baseline" in targets and name != "baseline":
                 base = results[("baseline", c)]
                 ratio = f"  x{np.median([r[0] / b[0] for r, b in zip(rs, base, strict=True)]):.2f}"
-            print(f"C={c:<3} {name:<12} {ips:8.0f} img/s  p50 {p50:6.2f} ms  p99 {p99:7.2f} ms{ratio}")
+            print(f"C={c:<3} {name:<12} {ips:8.0f} img/s  p50 {p50:6.2f} ms  p99 {p99:7.2f} ms  "
+                  f"cpu {cpu_us:5.0f} us/req{ratio}")
     return 0
 
 

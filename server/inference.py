@@ -43,7 +43,7 @@ from .errors import (
 )
 from .metrics import API_NAMES, Metrics
 from .model_config import ModelConfig
-from .postprocess import probabilities, resolve_top_k, top_k
+from .postprocess import classify, resolve_top_k
 from .preprocess import ImageLimits, decode_image, open_image, stack, tensor_to_array
 from .repository import ModelRepository
 from .served_model import ServedModel
@@ -532,5 +532,5 @@ def _tensor(inp: TensorInput, cfg: ModelConfig) -> np.ndarray:
 def _postprocess(raw: np.ndarray, out: RequestedOutput, cfg: ModelConfig) -> OutputResult:
     if out.classification is None:
         return OutputResult(out.name, raw=raw)
-    indices, scores = top_k(probabilities(raw, cfg.output.kind), out.classification)
+    indices, scores = classify(raw, cfg.output.kind, out.classification)
     return OutputResult(out.name, indices=indices, scores=scores)

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 from convserve.server.errors import InvalidInputError
 from convserve.server.model_config import ModelConfig, Preprocessing
-from convserve.server.postprocess import probabilities, resolve_top_k, softmax, top_k
+from convserve.server.postprocess import (
+    SMALL_OUTPUT_VALUES,
+    classify,
+    classify_small,
+    probabilities,
+    resolve_top_k,
+    softmax,
+    top_k,
+)
 from convserve.server.preprocess import ImageLimits, decode_image, stack, tensor_to_array
 from convserve.server.repository import parse_version, validate_model_name
 from convserve.server.session import provider_list
@@ -42,6 +50,31 @@ def test_softmax_and_top_k_against_direct_formulas() -> None:
         np.testing.assert_array_equal(val, np.take_along_axis(direct, idx, axis=1))
     idx, _ = top_k(np.array([[0.5, 0.1, 0.5, 0.5]]), 2)
     assert idx.tolist() == [[0, 2]]  # ties: lower index first
+
+
+def test_small_output_path_matches_numpy_path() -> None:
+    """``classify`` takes a pure-Python path for small outputs: same indices (ties included), same dtypes,
+    probabilities within float32 rounding of the NumPy path; non-finite rows are left to NumPy."""
+    rng = np.random.default_rng(3)
+    for trial in range(300):
+        rows, classes = int(rng.integers(1, 5)), int(rng.integers(1, 20))
+        raw = (rng.normal(size=(rows, classes)) * 10).astype(np.float32)
+        if trial % 3 == 0:
+            raw = np.round(raw / 10)  # many ties
+        for kind in ("logits", "probabilities"):
+            for k in {1, min(3, classes), classes}:
+                want_i, want_p = top_k(probabilities(raw, kind), k)
+                small = classify_small(raw, kind, k)
+                assert small is not None
+                got_i, got_p = small
+                np.testing.assert_array_equal(got_i, want_i)
+                np.testing.assert_allclose(got_p, want_p, rtol=1e-6, atol=1e-7)
+                assert (got_i.dtype, got_p.dtype, got_p.shape) == (want_i.dtype, want_p.dtype, want_p.shape)
+    bad = np.array([[np.nan, 1.0], [0.0, np.inf]], np.float32)
+    assert classify_small(bad, "logits", 1) is None
+    np.testing.assert_array_equal(classify(bad, "logits", 1)[0], top_k(probabilities(bad, "logits"), 1)[0])
+    big = rng.normal(size=(1, SMALL_OUTPUT_VALUES + 1)).astype(np.float32)
+    np.testing.assert_array_equal(classify(big, "logits", 5)[0], top_k(probabilities(big, "logits"), 5)[0])
 
 
 def test_resolve_top_k() -> None:
