@@ -7,6 +7,7 @@ read the ports it returns.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -264,12 +265,22 @@ async def _serve(settings: Settings) -> int:
             await running.stop(0)
             return 1
     loader = asyncio.create_task(running.load_models())
+    loader.add_done_callback(lambda _: _freeze_startup_objects())
     await stop.wait()
     log.info("shutdown signal received")
     if not loader.done():
         loader.cancel()
     await running.stop(settings.drain_grace_seconds)
     return 0
+
+
+def _freeze_startup_objects() -> None:
+    """Move everything alive once the models are loaded (modules, sessions, protobuf descriptors: ~45k
+    objects) out of the cyclic GC's reach. They live as long as the process, yet each full collection
+    walked them all on the event loop (measured: 26 ms per collection on a busy 2-core box, every RPC
+    stalled meanwhile); afterwards a full collection only walks what requests left behind."""
+    gc.collect()
+    gc.freeze()
 
 
 def serve_forever(settings: Settings) -> int:
