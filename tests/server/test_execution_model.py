@@ -315,6 +315,7 @@ def test_startup_objects_are_frozen_out_of_full_collections() -> None:
 
     from convserve.server.app import _freeze_startup_objects
 
+    gc.collect()
     alive = len(gc.get_objects())
     try:
         _freeze_startup_objects()
