@@ -24,12 +24,14 @@ from prometheus_client import CollectorRegistry
 
 from . import logging_setup
 from .health import Health
+from .http import HttpFrontEnd, start_http
 from .inference import InferenceCore
 from .interceptors import Edge, TokenAuthInterceptor, read_tokens
 from .metrics import Metrics
 from .repository import ModelRepository
 from .services import classify, inference_v2
 from .settings import Settings
+from .triton_metrics import TritonCollector
 
 log = logging.getLogger("convserve.server")
 
@@ -56,9 +58,14 @@ class RunningServer:
     core: InferenceCore
     grpc_port: int
     metrics_port: int | None
+    http: HttpFrontEnd | None = None  # the v2 REST front end, unless --http-port -1
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
     _poller: asyncio.Task[None] | None = None  # repository polling (hot reload), when configured
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     @property
     def address(self) -> str:
@@ -107,6 +114,8 @@ class RunningServer:
             log.warning(
                 "grace period over with %d call(s) still in flight; cancelling them", self.edge.in_flight
             )
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(max(0.0, deadline - time.monotonic()))
         await self.repository.stop(max(0.0, deadline - time.monotonic()))
         self.core.close()
@@ -141,6 +150,8 @@ async def start_server(
     """
     metrics = Metrics(registry, enabled=settings.metrics_enabled or registry is not None)
     repository = ModelRepository(settings.model_repository, settings, metrics)
+    if metrics.enabled and settings.triton_metrics:
+        metrics.registry.register(TritonCollector(repository))
     repository.scan()
     health = Health(SERVICE_NAMES)
     await health.start()
@@ -180,22 +191,31 @@ async def start_server(
         raise RuntimeError(f"could not bind gRPC to {address}")
     await server.start()
     metrics_port = None
+    http = None
     try:
+        if settings.http_enabled:
+            http = await start_http(settings, v2=v2, core=core, health=health, edge=edge, tokens=tokens)
         if settings.metrics_enabled:
             metrics_port = metrics.start_http_server(
                 settings.metrics_host or settings.host, settings.metrics_port
             )
     except BaseException:
+        if http is not None:
+            await http.stop()
         await server.stop(0)
         core.close()
         raise
-    running = RunningServer(server, settings, repository, metrics, health, edge, core, port, metrics_port)
+    running = RunningServer(
+        server, settings, repository, metrics, health, edge, core, port, metrics_port, http
+    )
     if settings.repository_poll_seconds > 0:
         running._poller = asyncio.create_task(repository.poll_forever(settings.repository_poll_seconds))
+    scheme = "https" if credentials else "http"
     log.info(
-        "gRPC listening on %s%s; metrics %s",
+        "gRPC listening on %s%s; REST %s; metrics %s",
         _bind_address(settings.host, port),
         " (TLS" + (", mTLS" if settings.tls_client_ca else "") + ")" if credentials else "",
+        f"{scheme}://{_bind_address(settings.host, http.port)}/v2" if http else "off",
         f"http://{settings.metrics_host or settings.host}:{metrics_port}/metrics" if metrics_port else "off",
     )
     if load_models:
@@ -203,25 +223,25 @@ async def start_server(
     return running
 
 
-def write_port_file(path: str | Path, grpc_port: int, metrics_port: int | None) -> None:
+def write_port_file(
+    path: str | Path, grpc_port: int, metrics_port: int | None, http_port: int | None = None
+) -> None:
     """Write the bound ports as JSON, atomically, so a reader never sees half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(
-        json.dumps({"grpc_port": grpc_port, "metrics_port": metrics_port, "pid": os.getpid()}) + "\n"
-    )
+    ports = {"grpc_port": grpc_port, "http_port": http_port, "metrics_port": metrics_port}
+    tmp.write_text(json.dumps({**ports, "pid": os.getpid()}) + "\n")
     tmp.replace(path)
 
 
 def loopback_command(
-    port_file: str | Path, *flags: str, grpc_port: int = 0, metrics_port: int = 0
+    port_file: str | Path, *flags: str, grpc_port: int = 0, metrics_port: int = 0, http_port: int = 0
 ) -> list[str]:
     """``python -m convserve.server`` on 127.0.0.1 reporting its bound ports in ``port_file``: the one
-    command line that tests, benchmarks and ``make stack`` start servers with (0 = ephemeral, -1 = no
-    metrics)."""
+    command line that tests, benchmarks and ``make stack`` start servers with (0 = ephemeral, -1 = off)."""
     return [
         sys.executable, "-m", "convserve.server", "--host", "127.0.0.1",
-        "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+        "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
         "--port-file", str(port_file), *flags,
     ]  # fmt: skip
 
@@ -244,7 +264,7 @@ async def _serve(settings: Settings) -> int:
         log.error("cannot start the server: %s", exc)
         return 1
     if settings.port_file:
-        write_port_file(settings.port_file, running.grpc_port, running.metrics_port)
+        write_port_file(settings.port_file, running.grpc_port, running.metrics_port, running.http_port)
     loader = asyncio.create_task(running.load_models())
     await stop.wait()
     log.info("shutdown signal received")

@@ -243,6 +243,15 @@ class ServerHandle:
     def metrics_port(self) -> int | None:
         return self.running.metrics_port
 
+    @property
+    def http_port(self) -> int | None:
+        return self.running.http_port
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the v2 REST front end, e.g. ``http://127.0.0.1:PORT``."""
+        return f"http://127.0.0.1:{self.running.http_port}"
+
     def call(self, coro: Any, timeout: float = 30.0) -> Any:
         """Run a coroutine on the server's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -298,6 +307,7 @@ def test_settings(model_repository: Path, **overrides: Any) -> Any:
     values: dict[str, Any] = {
         "host": "127.0.0.1",
         "grpc_port": 0,
+        "http_port": 0,
         "metrics_port": 0,
         "model_repository": str(model_repository),
         "drain_grace_seconds": 2.0,
@@ -364,6 +374,11 @@ class ServerProcess:
     grpc_port: int
     metrics_port: int | None
     log_path: Path
+    http_port: int | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def address(self) -> str:
@@ -413,7 +428,9 @@ def spawn_server_process(
                 raise TimeoutError(f"no port file within {timeout} s:\n{log_path.read_text()}")
             time.sleep(0.05)
         ports = json.loads(port_file.read_text())
-        handle = ServerProcess(proc, ports["grpc_port"], ports["metrics_port"], log_path)
+        handle = ServerProcess(
+            proc, ports["grpc_port"], ports["metrics_port"], log_path, ports.get("http_port")
+        )
         with grpc.insecure_channel(handle.address) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             while True:
