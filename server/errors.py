@@ -11,7 +11,8 @@
     ├── RequestTooLargeError       RESOURCE_EXHAUSTED an HTTP body over the largest message accepted (413)
     ├── DeadlineExpiredError       DEADLINE_EXCEEDED deadline passed while queued; never run
     ├── UnauthenticatedError       UNAUTHENTICATED   missing or wrong token
-    └── PermissionDeniedError      PERMISSION_DENIED model control disabled
+    ├── PermissionDeniedError      PERMISSION_DENIED model control disabled
+    └── NotSupportedError          UNIMPLEMENTED     a protocol extension convserve does not serve
 
 ``failure(exc, request_id)`` decides (status, message, reason) once, transport-neutrally: the gRPC edge
 sends ``Failure.code``, an HTTP edge ``Failure.http_status``; logs and metrics reuse the same ``reason``.
@@ -78,6 +79,10 @@ class PermissionDeniedError(ConvserveServerError):
     reason = "permission_denied"
 
 
+class NotSupportedError(ConvserveServerError):
+    reason = "not_supported"
+
+
 STATUS_BY_ERROR: dict[type[ConvserveServerError], grpc.StatusCode] = {
     InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
@@ -90,6 +95,7 @@ STATUS_BY_ERROR: dict[type[ConvserveServerError], grpc.StatusCode] = {
     DeadlineExpiredError: grpc.StatusCode.DEADLINE_EXCEEDED,
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    NotSupportedError: grpc.StatusCode.UNIMPLEMENTED,
 }
 
 
