@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Debian packages the tests drive for real: Prometheus (metrics checks), nginx (gRPC load balancer)
-# and openssl (test certificates for TLS/mTLS).
+# openssl (test certificates for TLS/mTLS) and curl (the README's REST examples, run by a test).
 # Idempotent: installs only what is missing. Needs root (or sudo).
 set -euo pipefail
 need=()
 command -v prometheus >/dev/null 2>&1 || [ -x /usr/bin/prometheus ] || need+=(prometheus)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 [ ${#need[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "install_system_deps: apt-get not found; install ${need[*]} with your package manager" >&2

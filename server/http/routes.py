@@ -70,8 +70,23 @@ class Routes:
                 post("/v2/repository/index", self.repository_index, name="repository_index"),
                 post("/v2/repository/models/{model}/load", self.load, name="load"),
                 post("/v2/repository/models/{model}/unload", self.unload, name="unload"),
+                # Triton's extensions convserve does not serve: 501 naming the extension, as over gRPC.
+                web.route("*", "/v2/systemsharedmemory{tail:.*}", self._unserved("SystemSharedMemoryStatus")),
+                web.route("*", "/v2/cudasharedmemory{tail:.*}", self._unserved("CudaSharedMemoryStatus")),
+                web.route("*", "/v2/trace/setting", self._unserved("TraceSetting")),
+                web.route("*", f"{m}/trace/setting", self._unserved("TraceSetting")),
+                web.route("*", "/v2/logging", self._unserved("LogSettings")),
             ]
         )
+
+    def _unserved(self, rpc: str) -> Any:
+        """A handler answering what the gRPC service's ``rpc`` answers: UNIMPLEMENTED naming the extension."""
+
+        async def unserved(request: web.Request) -> web.Response:
+            await getattr(self.v2, rpc)(None, None)  # raises NotSupportedError
+            raise AssertionError(f"{rpc} is expected to refuse")  # pragma: no cover
+
+        return unserved
 
     # ---- health and metadata ------------------------------------------------------------------------
 

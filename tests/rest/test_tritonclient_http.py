@@ -182,3 +182,17 @@ def test_load_unload_need_model_control(server: Any) -> None:
         assert c.is_model_ready("rgb")
     finally:
         c.close()
+
+
+def test_unserved_extensions_answer_501_naming_the_extension(client: Any) -> None:
+    for fn, extension in [
+        (lambda: client.get_system_shared_memory_status(headers=AUTH), "system_shared_memory"),
+        (lambda: client.register_system_shared_memory("r", "/k", 64, headers=AUTH), "system_shared_memory"),
+        (lambda: client.get_cuda_shared_memory_status(headers=AUTH), "cuda_shared_memory"),
+        (lambda: client.get_trace_settings(headers=AUTH), "trace"),
+        (lambda: client.get_trace_settings(model_name="gray", headers=AUTH), "trace"),
+        (lambda: client.get_log_settings(headers=AUTH), "logging"),
+    ]:
+        status, message = _failure(fn)
+        assert status == "501" and f"({extension})" in message, (status, message)
+    assert client.is_model_ready("gray", headers=AUTH)
