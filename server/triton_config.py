@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 from convserve.protos.inference import model_config_pb2 as mc
 from google.protobuf import text_format
@@ -55,29 +56,34 @@ def parse_pbtxt(text: str, where: str) -> tuple[mc.ModelConfig, list[str]]:
 
 
 def _unknown_fields(text: str) -> list[str]:
-    """Field names in ``text`` that no message of our config proto declares (the parser skipped them)."""
-    known: set[str] = set()
-    stack = [mc.ModelConfig.DESCRIPTOR]
-    seen_types: set[str] = set()
-    while stack:
-        desc = stack.pop()
-        if desc.full_name in seen_types:
-            continue
-        seen_types.add(desc.full_name)
-        for f in desc.fields:
-            known.add(f.name)
-            if f.message_type is not None:
-                stack.append(f.message_type)
+    """Dotted paths of the fields in ``text`` our config proto does not declare (the parser skipped them),
+    outermost only: ``optimization``, ``dynamic_batching.priority_levels``."""
     tokens = text_format.Tokenizer(text.splitlines())
-    unknown: list[str] = []
-    previous = ""
+    words: list[str] = []
     while not tokens.AtEnd():
-        token = tokens.token
+        words.append(tokens.token)
         tokens.NextToken()
-        # A field name is an identifier followed by ':' or an opening brace; values never are.
-        if previous and token in (":", "{", "<") and previous not in known and previous not in unknown:
-            unknown.append(previous)
-        previous = token if token[:1].isalpha() or token[:1] == "_" else ""
+    unknown: list[str] = []
+    # Each open brace pushes (message descriptor or None inside an unknown field, its path); ``pending`` is
+    # what the next brace opens, set by the last field name and restored on close so that every element
+    # of ``field: [ {...}, {...} ]`` opens the same message.
+    Frame = tuple[Any, str]
+    stack: list[tuple[Frame, Frame]] = []
+    current: Frame = (mc.ModelConfig.DESCRIPTOR, "")
+    pending: Frame = (None, "")
+    for word, after in zip(words, [*words[1:], ""], strict=True):
+        if word in ("{", "<"):
+            stack.append((current, pending))
+            current = pending
+        elif word in ("}", ">") and stack:
+            current, pending = stack.pop()
+        elif (word[:1].isalpha() or word[:1] == "_") and after in (":", "{", "<", "["):
+            desc, path = current
+            name = f"{path}.{word}" if path else word
+            field = desc.fields_by_name.get(word) if desc is not None else None
+            if desc is not None and field is None:
+                unknown.append(name)
+            pending = (field.message_type if field is not None else None, name)
     return unknown
 
 
