@@ -127,3 +127,32 @@ def test_drain_lets_an_in_flight_rest_request_finish_then_closes_the_port(server
     assert reply.json()["outputs"][0]["shape"] == [160, 4]
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         get(f"{handle.http_url}/v2/health/live", timeout=2)
+
+
+def test_a_client_that_goes_away_cancels_its_work(server_factory: Any) -> None:
+    """aiohttp cancels the handler when the connection closes; the core stops the request (CANCELLED)."""
+    import socket
+
+    handle = server_factory()
+    x = np.random.default_rng(1).normal(0, 1, (160, 3, 48, 48)).astype(np.float32)  # "slow": >1 s in all
+    header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                     "parameters": {"binary_data_size": x.nbytes}}]}).encode()  # fmt: skip
+    body = header + x.tobytes()
+    request = (
+        f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+        f"{HEADER_LENGTH}: {len(header)}\r\n\r\n"
+    ).encode() + body
+    labels = {"model": "slow", "version": "1", "api": "rest"}
+    with socket.create_connection(("127.0.0.1", handle.http_port), timeout=10) as sock:
+        sock.sendall(request)
+        deadline = time.monotonic() + 10
+        while not handle.registry.get_sample_value("convserve_inflight_requests", labels):
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.005)
+    cancelled = {**labels, "code": "CANCELLED"}
+    deadline = time.monotonic() + 10
+    while not handle.registry.get_sample_value("convserve_requests_total", cancelled):
+        assert time.monotonic() < deadline, "the abandoned request was not cancelled"
+        time.sleep(0.01)
+    assert not handle.registry.get_sample_value("convserve_requests_total", {**labels, "code": "OK"})
+    assert post_json(f"{handle.http_url}/v2/models/gray/infer", ZERO).status == 200
