@@ -91,8 +91,8 @@ def parse_body(body: bytes, header_length: str | None) -> InferBody:
                 f"(the body's size), got {header_length!r}"
             )
     try:
-        header = json.loads(bytes(view[:split]))
-    except (ValueError, UnicodeDecodeError) as exc:
+        header = json.loads(body if split == len(view) else bytes(view[:split]))
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
         raise InvalidInputError(
             f"request body: expected a JSON inference request, got text that does not parse ({exc})"
         ) from None
@@ -201,12 +201,17 @@ def _json_data(data: Any, datatype: str, shape: list[int], where: str) -> bytes 
 
 
 def _flatten(items: list[Any]) -> list[Any]:
+    """Nested lists → their leaves in row-major order (iterative: nesting depth costs no stack)."""
     out: list[Any] = []
-    for item in items:
-        if isinstance(item, list):
-            out.extend(_flatten(item))
-        else:
+    stack = [iter(items)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
             out.append(item)
+        else:
+            stack.pop()
     return out
 
 

@@ -156,3 +156,10 @@ def test_a_client_that_goes_away_cancels_its_work(server_factory: Any) -> None:
         time.sleep(0.01)
     assert not handle.registry.get_sample_value("convserve_requests_total", {**labels, "code": "OK"})
     assert post_json(f"{handle.http_url}/v2/models/gray/infer", ZERO).status == 200
+
+
+def test_absurdly_nested_json_is_400(rest: str) -> None:
+    body = b"[" * 200_000 + b"]" * 200_000  # deeper than the JSON parser recurses
+    reply = call("POST", f"{rest}/v2/models/gray/infer", body)
+    assert reply.status == 400 and "does not parse" in reply.error, reply.body
+    assert post_json(f"{rest}/v2/models/gray/infer", ZERO).status == 200
