@@ -16,13 +16,13 @@ from .. import triton_model
 from ..errors import InvalidInputError, ModelNotReadyError, NotSupportedError, PermissionDeniedError
 from ..interceptors import current_call
 from ..repository import ModelEntry, parse_version
+from ..served_model import ServedModel
 
 if TYPE_CHECKING:
     from ..repository import ModelRepository
     from ..settings import Settings
 
-# The Triton extension names (as ServerMetadata lists them) this mixin serves; statistics reads the
-# per-version counters the inference core keeps (``served.stats``).
+# The Triton extension names (as ServerMetadata lists them) this mixin serves.
 SERVED = ("model_configuration", "model_repository", "statistics")
 
 
@@ -79,7 +79,7 @@ class TritonExtensions:
         for entry in sorted(entries, key=lambda e: e.name):
             for v, served in sorted(entry.versions.items()):
                 if version in (0, v):
-                    reply.model_stats.append(triton_model.model_statistics(served.stats.snapshot()))
+                    reply.model_stats.append(triton_model.model_statistics(_stats(served)))
         return reply
 
     # ---- model repository ----------------------------------------------------------------------------
@@ -140,6 +140,11 @@ class TritonExtensions:
 
     async def LogSettings(self, request: Any, context: Any) -> Any:
         raise _not_served("LogSettings", "log settings (logging)")
+
+
+def _stats(served: ServedModel) -> triton_model.StatsSnapshot:
+    """The version's cumulative counters since it loaded (``served.stats``, kept by the request path)."""
+    return served.stats.snapshot()
 
 
 def _loaded(entry: ModelEntry) -> bool:

@@ -65,6 +65,9 @@ x = np.zeros((2, 3, 16, 16), np.float32)
 inp = tc.InferInput("input", list(x.shape), "FP32")
 inp.set_data_from_numpy(x)
 out["infer_after_load"] = list(client.infer("rgb", [inp], headers=auth).as_numpy("logits").shape)
+out["stats_rgb"] = client.get_inference_statistics("rgb", headers=auth, as_json=True)
+out["stats_all"] = client.get_inference_statistics(headers=auth, as_json=True)
+attempt("stats_missing", lambda: client.get_inference_statistics("no_such_model", headers=auth))
 attempt("load_missing", lambda: client.load_model("no_such_model", headers=auth))
 attempt("load_with_config", lambda: client.load_model("rgb", config='{"max_batch_size": 2}', headers=auth))
 
@@ -161,6 +164,17 @@ def test_tritonclient_model_config_repository_and_unserved_extensions(
     assert after[("rgb", "")]["state"] == "UNAVAILABLE" and ("rgb", "1") not in after
     assert "UNAVAILABLE" in seen["infer_after_unload"][0]
     assert seen["ready_after_load"] is True and seen["infer_after_load"] == [2, 10]
+    # The reloaded version counted the one 2-image request it ran since it loaded.
+    (stats,) = seen["stats_rgb"]["model_stats"]
+    assert stats["name"] == "rgb" and stats["version"] == "1"
+    assert int(stats["inference_count"]) == 2 and int(stats["execution_count"]) >= 1
+    infer = stats["inference_stats"]
+    assert int(infer["success"]["count"]) == 1 and int(infer["success"]["ns"]) > 0
+    assert int(infer["compute_infer"]["count"]) >= 1 and int(infer["compute_infer"]["ns"]) > 0
+    assert int(stats["last_inference"]) > 0
+    assert {"rgb", "gray"} <= {m["name"] for m in seen["stats_all"]["model_stats"]}
+    status, message = seen["stats_missing"]
+    assert "NOT_FOUND" in status and "no_such_model" in message
     status, message = seen["load_missing"]
     assert "NOT_FOUND" in status and "no_such_model" in message
     status, message = seen["load_with_config"]
@@ -190,9 +204,9 @@ def test_repository_control_is_refused_without_model_control(server: Any) -> Non
                 call(request, timeout=10)
             assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
             assert "--allow-model-control" in (err.value.details() or "")
-        # Statistics are read-only, served without model control (tests/rest/test_statistics.py: counts).
-        stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="rgb"), timeout=10)
-        assert [(s.name, s.version) for s in stats.model_stats] == [("rgb", "1")]
+        # Statistics are read-only: served without model control.
+        (stats,) = stub.ModelStatistics(pb.ModelStatisticsRequest(name="rgb"), timeout=10).model_stats
+        assert stats.name == "rgb" and stats.version == "1"
         assert stub.ModelReady(pb.ModelReadyRequest(name="rgb"), timeout=10).ready
         index = stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), timeout=10)
         assert index.models and all(m.state == "READY" for m in index.models)
