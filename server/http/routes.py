@@ -97,7 +97,7 @@ class Routes:
         """200 once models are loaded; 503 before that and for good once draining (probes, no log line)."""
         if self.health.serving:
             return web.Response(status=200)
-        why = "shutting down" if self.health.draining else "models are still loading"
+        why = "shutting down" if self.health.draining else "no model version is ready yet (loading or failed)"
         return json_error(503, f"server is not ready: {why}")
 
     async def model_ready(self, request: web.Request) -> web.Response:
