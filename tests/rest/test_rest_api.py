@@ -312,3 +312,16 @@ def test_draining_reads_not_ready_and_refuses_new_work_with_503(server_factory: 
 def test_rest_can_be_turned_off(server_factory: Any) -> None:
     handle = server_factory(http_port=-1)
     assert handle.http_port is None and handle.running.http is None
+
+
+def test_rest_answers_before_models_load_and_reads_not_ready_until_then(server_factory: Any) -> None:
+    handle = server_factory(load_models=False)
+    rest = handle.http_url
+    assert get(f"{rest}/v2/health/live").status == 200
+    ready = get(f"{rest}/v2/health/ready")
+    assert ready.status == 503 and "no model version is ready yet" in ready.error
+    early = post_json(f"{rest}/v2/models/gray/infer", {"inputs": [_json_input(_batch(1, 13))]})
+    assert early.status == 503 and "gray" in early.error
+    handle.call(handle.running.load_models())
+    assert get(f"{rest}/v2/health/ready").status == 200
+    assert post_json(f"{rest}/v2/models/gray/infer", {"inputs": [_json_input(_batch(1, 13))]}).status == 200
