@@ -73,3 +73,15 @@ def test_a_setting_turns_the_nv_families_off(server_factory: Any) -> None:
     samples = _scrape(handle.metrics_port)
     assert not [name for name, _ in samples if name.startswith("nv_")]
     assert any(name == "convserve_requests_total" for name, _ in samples)
+
+
+def test_every_nv_family_is_exported_and_documented() -> None:
+    from pathlib import Path
+
+    from convserve.server.triton_metrics import FAMILIES as EXPORTED
+
+    assert tuple(name for name, _, _ in EXPORTED) == FAMILIES
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("\n## Monitoring\n", 1)[1].split("\n## ", 1)[0]
+    for name in FAMILIES:
+        assert f"`{name}`" in section, name
