@@ -197,7 +197,6 @@ class Edge:
         if self.in_flight == 0 and self._idle is not None:
             self._idle.set()
 
-
     async def _fail(
         self, context: grpc.aio.ServicerContext, exc: BaseException, call: CallInfo, start: float
     ) -> None:
