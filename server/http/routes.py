@@ -19,6 +19,7 @@ from ..errors import InvalidInputError, RequestTooLargeError
 from ..health import Health
 from ..inference import InferenceCore, InferenceRequest
 from ..interceptors import current_call
+from ..logging_setup import echo_request_id
 from ..repository import parse_version
 from ..services.inference_v2 import InferenceService
 from .codec import HEADER_LENGTH, binary_output_names, encode_reply, inputs_of, outputs_of, parse_body
@@ -178,7 +179,7 @@ class Routes:
                 api=API,
                 trace=call,
             ),
-            lambda result: encode_reply(result, body.id, binary),
+            lambda result: encode_reply(result, echo_request_id(body.id, call.request_id), binary),
         )
         if json_length is None:
             return web.Response(body=reply, content_type="application/json")

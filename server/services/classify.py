@@ -20,6 +20,7 @@ from ..inference import (
     TensorInput,
 )
 from ..interceptors import current_call
+from ..logging_setup import echo_request_id
 from ..metrics import Metrics
 from ..model_config import ModelConfig
 from ..repository import ModelEntry, ModelRepository
@@ -82,7 +83,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             return pb.ClassifyStreamResponse(
                 error_code=code.value[0],
                 error_message=message,
-                request_id=getattr(request, "request_id", "") or call.request_id,
+                request_id=echo_request_id(getattr(request, "request_id", ""), call.request_id)
+                or call.request_id,
             )
 
         async for reply in stream_replies(request_iterator, self.health, handle, reply_error):
@@ -91,7 +93,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     async def _classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
         call = current_call()
         call.model = request.model
-        request_id = request.request_id or call.request_id
+        request_id = echo_request_id(request.request_id, call.request_id) or call.request_id
 
         def encode(result: InferenceResult) -> pb.ClassifyResponse:
             out, labels = result.outputs[0], result.labels

@@ -325,3 +325,10 @@ def test_rest_answers_before_models_load_and_reads_not_ready_until_then(server_f
     handle.call(handle.running.load_models())
     assert get(f"{rest}/v2/health/ready").status == 200
     assert post_json(f"{rest}/v2/models/gray/infer", {"inputs": [_json_input(_batch(1, 13))]}).status == 200
+
+
+def test_a_long_or_odd_request_id_is_not_echoed(rest: str) -> None:
+    """As over gRPC: the reply's ``id`` is the client's only when it is a sane token, else the call's id."""
+    body = {"id": "x" * 10_000, "inputs": [_json_input(_batch(1, 14))]}
+    reply = post_json(f"{rest}/v2/models/gray/infer", body)
+    assert reply.status == 200 and reply.json()["id"] == reply.headers["x-request-id"]
