@@ -332,3 +332,13 @@ def test_a_long_or_odd_request_id_is_not_echoed(rest: str) -> None:
     body = {"id": "x" * 10_000, "inputs": [_json_input(_batch(1, 14))]}
     reply = post_json(f"{rest}/v2/models/gray/infer", body)
     assert reply.status == 200 and reply.json()["id"] == reply.headers["x-request-id"]
+
+
+def test_a_full_batcher_queue_is_429(server_factory: Any) -> None:
+    handle = server_factory(max_queue_size=2)
+    x = _batch(3, 15)  # three images can never fit a queue bounded at two
+    reply = post_json(f"{handle.http_url}/v2/models/gray/infer", {"inputs": [_json_input(x)]})
+    assert reply.status == 429 and "queue" in reply.error, reply.body
+    assert (
+        post_json(f"{handle.http_url}/v2/models/gray/infer", {"inputs": [_json_input(x[:1])]}).status == 200
+    )
