@@ -83,7 +83,7 @@ def test_model_config_as_triton_writes_it(client: Any, model_repository: Path) -
     assert status == "404" and "no_such_model" in message
 
 
-def test_config_matches_the_grpc_model_config(client: Any, server_factory: Any, guarded: Any) -> None:
+def test_config_matches_the_grpc_model_config(client: Any, guarded: Any) -> None:
     import grpc
     from convserve.protos.inference import grpc_service_pb2 as pb
     from convserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
@@ -92,7 +92,9 @@ def test_config_matches_the_grpc_model_config(client: Any, server_factory: Any, 
     with grpc.insecure_channel(guarded.address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         reply = stub.ModelConfig(
-            pb.ModelConfigRequest(name="rgb"), metadata=(("authorization", AUTH["Authorization"]),)
+            pb.ModelConfigRequest(name="rgb"),
+            metadata=(("authorization", AUTH["Authorization"]),),
+            timeout=10,
         )
     rest = client.get_model_config("rgb", headers=AUTH)
     # The same message: parsing the REST JSON back gives exactly the gRPC answer.
