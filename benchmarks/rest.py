@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from convserve.server.app import loopback_command
 from convserve.server.model_config import load_config
+from convserve.testing import loopback_command
 
 from . import models
 from .run import Case, _wait_serving, drive
