@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -23,27 +22,7 @@ from convserve.server.model_config import load_config
 from convserve.testing import loopback_command
 
 from . import models
-from .run import Case, _wait_serving, drive
-
-# drive() starts its load 1.5 s + 0.3 s per process after it is called.
-_LEAD_S = 1.8
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def _window_cpu(pid: int, begin: float, seconds: float, out: list[float]) -> threading.Thread:
-    def sample() -> None:
-        time.sleep(max(0.0, begin - time.time()))
-        a = _cpu_seconds(pid)
-        time.sleep(seconds)
-        out.append(_cpu_seconds(pid) - a)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    return t
+from .run import Case, Server, _wait_serving, drive
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,19 +51,17 @@ def main(argv: list[str] | None = None) -> int:
                     raise RuntimeError(f"server did not start; see {work / 'server.log'}")
                 time.sleep(0.1)
             ports = json.loads(port_file.read_text())
-            targets = {"v2-grpc": f"127.0.0.1:{ports['grpc_port']}",
-                       "rest": f"127.0.0.1:{ports['http_port']}"}
-            _wait_serving(targets["v2-grpc"], deadline)
+            targets = {"v2-grpc": Server(f"127.0.0.1:{ports['grpc_port']}", server.pid),
+                       "rest": Server(f"127.0.0.1:{ports['http_port']}", server.pid)}
+            _wait_serving(targets["v2-grpc"].target, deadline)
             for rnd in range(a.rounds):
                 for c in (int(x) for x in a.concurrency.split(",")):
                     order = list(targets) if rnd % 2 == 0 else list(reversed(targets))
                     for name in order:
                         case = Case("convserve", models.LENET, "rest" if name == "rest" else "v2", 1, c)
-                        cpu: list[float] = []
-                        sampler = _window_cpu(server.pid, time.time() + _LEAD_S + a.warmup, a.duration, cpu)
-                        sm = drive(targets[name], case, shape, a.warmup, a.duration, 1, work).summary()
-                        sampler.join(a.duration + 30)
-                        cpu_us = cpu[0] / max(1, sm["requests"]) * 1e6
+                        result, cpu = drive(targets[name], case, shape, a.warmup, a.duration, 1, work)
+                        sm = result.summary()
+                        cpu_us = cpu / max(1, sm["requests"]) * 1e6
                         results.setdefault((name, c), []).append(
                             (sm["requests_per_s"], sm["p50_ms"], sm["p99_ms"], cpu_us))
                         print(f"round {rnd + 1} C={c:<3} {name:<8} {sm['requests_per_s']:7.0f} req/s "
