@@ -16,6 +16,10 @@ from convserve.server.model_config import MODEL_FILE, ModelConfig, ModelConfigEr
 
 from . import data as datamod
 
+# `evaluate --generalisation`: the in-distribution split first, then the sets made from data and
+# transformations the bundled model never trained on (data.BUILTIN_SOURCES says what each is).
+GENERALISATION_SETS = ("digits", "digits-mnist-style", "fonts-unseen")
+
 
 class EvaluateError(RuntimeError):
     """The model entry cannot be evaluated on this data; the message says why in one line."""
@@ -68,9 +72,9 @@ def evaluate_model_dir(model_dir: Path, data_spec: str, *, version: int | None =
         raise EvaluateError(str(exc)) from None
     version, onnx_path = resolve_version(model_dir, version)
     dataset = datamod.load_dataset(data_spec)
-    to_model = _label_map(dataset, cfg)
+    to_model = label_map(dataset, cfg)
     if split == "test":
-        indices = datamod.split_indices(dataset.labels)[1]
+        indices = dataset.train_test()[1]
     elif split == "all":
         indices = np.arange(len(dataset))
     else:
@@ -100,7 +104,7 @@ def evaluate_model_dir(model_dir: Path, data_spec: str, *, version: int | None =
                       per_class_accuracy=per_class, seconds=seconds)
 
 
-def _label_map(dataset: datamod.ImageDataset, cfg: ModelConfig) -> np.ndarray:
+def label_map(dataset: datamod.ImageDataset, cfg: ModelConfig) -> np.ndarray:
     """Dataset class index → model output index, matched by label name (folder order need not agree)."""
     position = {label: i for i, label in enumerate(cfg.labels)}
     missing = [name for name in dataset.class_names if name not in position]
@@ -118,4 +122,17 @@ def format_report(result: EvalResult) -> str:
         f"ONNX Runtime time {result.seconds * 1000:.1f} ms",
         "per class: " + "  ".join(f"{label}={acc:.3f}" for label, acc in result.per_class_accuracy.items()),
     ]
+    return "\n".join(lines)
+
+
+def format_summary(results: list[EvalResult]) -> str:
+    """Several data sets side by side: one row each, accuracy first."""
+    first = results[0]
+    width = max(len(r.data) for r in results)
+    lines = [f"model {first.model} version {first.version}",
+             f"{'data':<{width}}  {'split':<5}  {'accuracy':>8}  {'correct':>11}  worst class"]
+    for r in results:
+        worst = min(r.per_class_accuracy.items(), key=lambda kv: kv[1])
+        lines.append(f"{r.data:<{width}}  {r.split:<5}  {r.accuracy * 100:>7.2f}%  "
+                     f"{f'{r.correct}/{r.total}':>11}  {worst[0]} ({worst[1] * 100:.1f}%)")
     return "\n".join(lines)

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Debian packages the tests drive for real: Prometheus (metrics checks), nginx (gRPC load balancer)
-# and openssl (test certificates for TLS/mTLS).
+# and openssl (test certificates for TLS/mTLS); TrueType/OpenType fonts the digits model is trained on
+# and the unseen fonts its generalisation set is rendered from (models/fonts.py lists which is which).
 # Idempotent: installs only what is missing. Needs root (or sudo).
 set -euo pipefail
 need=()
 command -v prometheus >/dev/null 2>&1 || [ -x /usr/bin/prometheus ] || need+=(prometheus)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+for font in fonts-dejavu-core fonts-dejavu-extra fonts-liberation fonts-freefont-ttf fonts-urw-base35 \
+            fonts-comic-neue fonts-crosextra-carlito fonts-crosextra-caladea fonts-go fonts-open-sans \
+            fonts-cantarell fonts-inconsolata fonts-linuxlibertine; do
+  dpkg-query -W -f='${Status}' "$font" 2>/dev/null | grep -q "ok installed" || need+=("$font")
+done
 [ ${#need[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "install_system_deps: apt-get not found; install ${need[*]} with your package manager" >&2

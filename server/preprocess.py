@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from .errors import InvalidInputError
 from .model_config import ModelConfig, Preprocessing
@@ -77,6 +77,9 @@ INK_LOW, INK_HIGH = 0.25, 0.6
 # The box is the range holding all but this fraction of the ink mass at each end: a stray speck far from
 # the digit cannot stretch it, while a stroke carries far more than this share.
 INK_TAIL = 0.01
+# Images at least this many pixels on a side are despeckled (small ones, like 8x8 scans, have no pixel to
+# spare); the filter is kept when at least DESPECKLE_KEEP of the ink survives it.
+DESPECKLE_MIN_SIDE, DESPECKLE_KEEP = 32, 0.7
 
 
 def normalize_ink(img: Image.Image, pre: Preprocessing) -> Image.Image:
@@ -101,6 +104,8 @@ def normalize_ink(img: Image.Image, pre: Preprocessing) -> Image.Image:
     if peak < 1.0:  # no ink at all
         return Image.new("L", (out_w, out_h), 0)
     arr = np.clip(arr * (255.0 / peak), 0.0, 255.0)
+    if min(h, w) >= DESPECKLE_MIN_SIDE:
+        arr = _despeckle(arr)
     weight = np.clip((arr / 255.0 - INK_LOW) / (INK_HIGH - INK_LOW), 0.0, 1.0)  # (H, W) how surely ink
     isolated = _ink_neighbours(weight > 0) == 0
     arr[isolated & (weight > 0)] = 0.0
@@ -127,6 +132,14 @@ def normalize_ink(img: Image.Image, pre: Preprocessing) -> Image.Image:
     box = (cx - span_x / 2, cy - span_y / 2, cx + span_x / 2, cy + span_y / 2)
     return source.transform((out_w, out_h), Image.Transform.EXTENT, box, Image.Resampling.BILINEAR,
                             fillcolor=0)
+
+
+def _despeckle(arr: np.ndarray) -> np.ndarray:
+    """A 3x3 median filter (dust, salt-and-pepper noise, JPEG specks), kept only when it leaves the ink
+    mostly intact: a 1-pixel pen line is erased by it, and then the unfiltered image is used."""
+    filtered = np.asarray(Image.fromarray(np.rint(arr).astype(np.uint8), mode="L")
+                          .filter(ImageFilter.MedianFilter(3)), dtype=np.float32)
+    return filtered if filtered.sum() >= DESPECKLE_KEEP * arr.sum() else arr
 
 
 def _border(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:

@@ -104,3 +104,21 @@ def test_bad_ink_settings_are_named(changes: dict, message: str) -> None:
     pre = Preprocessing(**{**vars(Preprocessing()), **changes})
     with pytest.raises(ModelConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ModelConfig(name="m", preprocessing=pre, labels=LABELS).validate()
+
+
+def test_dust_is_filtered_but_a_one_pixel_pen_line_is_kept() -> None:
+    clean = _seven((160, 160), (50, 40), 2.0)
+    dusty = np.array(clean)
+    rng = np.random.default_rng(0)
+    dusty[rng.random(dusty.shape) < 0.03] = 255  # 3% salt noise: a speckled scan
+    cy, cx, h, _ = _geometry(np.asarray(normalize_ink(Image.fromarray(dusty), INK.preprocessing)))
+    assert abs(cy - 14) < 1.0 and abs(cx - 14) < 1.0 and 17 <= h <= 23
+    np.testing.assert_allclose(image_to_array(Image.fromarray(dusty), INK), image_to_array(clean, INK),
+                               atol=0.35)  # the digit, not the dust, fills the box
+
+    thin = Image.new("L", (100, 100), 255)
+    ImageDraw.Draw(thin).line([(30, 20), (60, 20), (40, 80)], fill=0, width=1)  # a fine pen on white
+    out = image_to_array(thin, INK)
+    # still there (fainter once shrunk to the box): the median filter is skipped when it would erase the ink
+    assert (out > -0.8).sum() > 30
+    assert 18 <= _geometry(out[0] + 1)[2] <= 22
