@@ -80,6 +80,8 @@ def add_commands(subparsers: Any) -> None:
                    help="'test' = the held-out split training never saw (default); 'all' = every image")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--json", action="store_true", help="print JSON instead of text (a list for several sets)")
+    p.add_argument("--samples", type=Path, default=None, metavar="PNG",
+                   help="also draw 12 images of each set, as sent and as the model sees them, into this PNG")
     p.set_defaults(func=_evaluate)
 
     p = subparsers.add_parser(
@@ -188,8 +190,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     try:
         results = [evaluate.evaluate_model_dir(args.model_dir, spec, version=args.version, split=args.split,
                                                batch_size=args.batch_size) for spec in specs]
+        if args.samples is not None:
+            evaluate.plot_samples(args.model_dir, specs, args.samples, version=args.version)
     except (data.DataError, evaluate.EvaluateError) as exc:
         raise CommandError(str(exc)) from None
+    except OSError as exc:
+        raise CommandError(f"cannot write {args.samples}: {exc.strerror or exc}") from None
     if args.json:
         dicts = [r.to_dict() for r in results]
         print(json.dumps(dicts[0] if len(dicts) == 1 else dicts, indent=2))

@@ -98,7 +98,8 @@ UNSEEN_FONTS_TARGET = 0.95  # issue 16: printed digits of font families never tr
 MNIST_STYLE_FLOOR = 0.95  # issue 16 aims at 97 % for handwriting in MNIST's style; this is our proxy's floor
 
 
-def test_shipped_model_generalises_to_held_out_sets(capsys: pytest.CaptureFixture[str]) -> None:
+def test_shipped_model_generalises_to_held_out_sets(capsys: pytest.CaptureFixture[str],
+                                                    tmp_path: Path) -> None:
     """The generalisation sets: unseen fonts under unseen transformations, and held-out scans drawn in
     MNIST's style. Their fonts come from scripts/install_system_deps.sh; missing fonts fail under CI."""
     from convserve.client.cli import main
@@ -118,8 +119,11 @@ def test_shipped_model_generalises_to_held_out_sets(capsys: pytest.CaptureFixtur
     assert rows["fonts-unseen"]["accuracy"] >= UNSEEN_FONTS_TARGET, rows["fonts-unseen"]
     assert min(rows["fonts-unseen"]["per_class_accuracy"].values()) >= 0.85
 
-    argv = ["evaluate", "--model-dir", str(SHIPPED), "--data", "digits", "--data", "digits-mnist-style"]
+    png = tmp_path / "samples.png"
+    argv = ["evaluate", "--model-dir", str(SHIPPED), "--data", "digits", "--data", "digits-mnist-style",
+            "--samples", str(png)]
     assert main(argv) == 0
+    assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 20_000
     table = capsys.readouterr().out.splitlines()
     assert table[0] == "model digits_lenet version 1" and len(table) == 4
     assert table[2].startswith("digits ") and table[3].startswith("digits-mnist-style ")
