@@ -97,8 +97,8 @@ def load_dataset(spec: str) -> ImageDataset:
 
 
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
-SCAN_COPIES = 6  # redrawn variants of each training scan in digits-synth
-FONT_SAMPLES = 10_000  # printed digits in digits-synth: 88 font files x 10 digits x about 11
+SCAN_COPIES = 10  # redrawn variants of each training scan in digits-synth
+FONT_SAMPLES = 8_000  # printed digits in digits-synth: 88 font files x 10 digits x about 9
 
 
 def _digit_pixels() -> tuple[np.ndarray, np.ndarray]:

@@ -95,7 +95,7 @@ def test_unknown_class_and_missing_versions(tmp_path: Path) -> None:
 
 
 UNSEEN_FONTS_TARGET = 0.95  # issue 16: printed digits of font families never trained on
-MNIST_STYLE_FLOOR = 0.95  # issue 16 aims at 97 % for handwriting in MNIST's style; this is our proxy's floor
+MNIST_STYLE_TARGET = 0.97  # issue 16's aim for handwriting in MNIST's style, held to on our proxy
 
 
 def test_shipped_model_generalises_to_held_out_sets(capsys: pytest.CaptureFixture[str],
@@ -114,7 +114,7 @@ def test_shipped_model_generalises_to_held_out_sets(capsys: pytest.CaptureFixtur
     assert list(rows) == ["digits", "digits-mnist-style", "fonts-unseen"]
     assert rows["digits"]["total"] == 359 and rows["digits"]["accuracy"] >= TARGET_ACCURACY
     assert rows["digits-mnist-style"]["total"] == 359
-    assert rows["digits-mnist-style"]["accuracy"] >= MNIST_STYLE_FLOOR, rows["digits-mnist-style"]
+    assert rows["digits-mnist-style"]["accuracy"] >= MNIST_STYLE_TARGET, rows["digits-mnist-style"]
     assert rows["fonts-unseen"]["total"] == 2000
     assert rows["fonts-unseen"]["accuracy"] >= UNSEEN_FONTS_TARGET, rows["fonts-unseen"]
     assert min(rows["fonts-unseen"]["per_class_accuracy"].values()) >= 0.85
