@@ -230,17 +230,23 @@ class Edge:
 
     def _streaming(
         self, fn: Callable[..., AsyncIterator[Any]], method: str, refuse: bool
-    ) -> Callable[..., AsyncIterator[Any]]:
-        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    ) -> Callable[..., Awaitable[None]]:
+        # A coroutine that writes, not an async generator that yields: when the client cancels, grpc cancels
+        # this task wherever it waits (a write included) and the ``finally`` runs here, in this task's
+        # context. A generator suspended at ``yield`` is instead closed later by the garbage collector, in
+        # another context, and its call stayed counted in flight until then (a drain waited out its grace).
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> None:
             start = time.perf_counter()
             code = "OK"
             call = self._enter(context, method)
             token = _current.set(call)
+            responses: AsyncIterator[Any] | None = None
             try:
                 if refuse:
                     self._refuse_if_draining()
-                async for response in fn(request, context):
-                    yield response
+                responses = fn(request, context)
+                async for response in responses:
+                    await context.write(response)
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise
@@ -248,9 +254,11 @@ class Edge:
                 code = status_for(exc).name
                 await self._fail(context, exc, call, start)
             finally:
-                _current.reset(token)
                 self._exit()
+                _current.reset(token)
                 self._access(call, code, start, context)
+                if responses is not None:
+                    await responses.aclose()  # type: ignore[attr-defined]  # stops its reader and tasks now
 
         streaming.__name__ = fn.__name__
         return streaming

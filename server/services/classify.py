@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -85,8 +86,11 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 request_id=getattr(request, "request_id", "") or call.request_id,
             )
 
-        async for reply in stream_replies(request_iterator, self.health, handle, reply_error):
-            yield reply
+        async with contextlib.aclosing(
+            stream_replies(request_iterator, self.health, handle, reply_error)
+        ) as replies:
+            async for reply in replies:
+                yield reply
 
     async def _classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
         call = current_call()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import TypeVar
@@ -78,5 +79,6 @@ async def stream_replies(
             code, message = error_status(exc, call)
             return reply_error(request, code, message)
 
-    async for reply in ordered_pipeline(requests, one):
-        yield reply
+    async with contextlib.aclosing(ordered_pipeline(requests, one)) as replies:
+        async for reply in replies:
+            yield reply

@@ -11,6 +11,7 @@ the same number the convserve.v1 API reports.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import AsyncIterator
 
@@ -149,8 +150,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 ),
             )
 
-        async for reply in stream_replies(request_iterator, self.health, handle, reply_error):
-            yield reply
+        async with contextlib.aclosing(
+            stream_replies(request_iterator, self.health, handle, reply_error)
+        ) as replies:
+            async for reply in replies:
+                yield reply
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
         call = current_call()

@@ -1,0 +1,78 @@
+"""Streams against a server subprocess: a cancelled stream leaves nothing in flight, and a burst written
+without a client-side window is slowed by HTTP/2 flow control, never failed with "queue is full".
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from convserve.protos.convserve.v1 import classifier_pb2 as pb
+from convserve.protos.convserve.v1 import classifier_pb2_grpc
+from convserve.protos.inference import grpc_service_pb2 as v2pb
+from convserve.protos.inference import grpc_service_pb2_grpc
+
+SLOW = (1, 3, 48, 48)  # the "slow" model: ~5-10 ms per image, one instance, no batching
+GRAY = (1, 1, 8, 8)
+
+
+def classify_request(x: np.ndarray, model: str, rid: str = "") -> pb.ClassifyRequest:
+    image = pb.Image(tensor=pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=list(x.shape), data=x.tobytes()))
+    return pb.ClassifyRequest(model=model, images=[image], top_k=4, request_id=rid)
+
+
+def infer_request(x: np.ndarray, model: str, rid: str = "") -> v2pb.ModelInferRequest:
+    request = v2pb.ModelInferRequest(model_name=model, id=rid)
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    return request
+
+
+def good_request_still_answered(address: str) -> None:
+    x = np.zeros(GRAY, np.float32)
+    with grpc.insecure_channel(address) as channel:
+        reply = classifier_pb2_grpc.ClassifierStub(channel).Classify(classify_request(x, "gray"), timeout=20)
+        assert len(reply.results[0].predictions) == 4
+        reply = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            infer_request(x, "gray"), timeout=20
+        )
+        assert np.frombuffer(reply.raw_output_contents[0], "<f4").shape == (4,)
+
+
+def test_cancelled_streams_leave_nothing_in_flight(spawn_server: Any, hardening_repository: Path) -> None:
+    """Clients open ClassifyStream and ModelStreamInfer on the slow model, send more than the server can
+    answer at once, read one reply (or none), cancel and disconnect. Nothing stays counted in flight: the
+    idle server then exits on SIGTERM at once, not after the 10 s grace period."""
+    sp = spawn_server(hardening_repository, "--drain-grace-seconds", "10")
+    x = np.random.default_rng(0).normal(size=SLOW).astype(np.float32)
+    for read_first in (True, False):
+        for api in ("classify", "v2"):
+            channel = grpc.insecure_channel(sp.address)
+            if api == "classify":
+                call = classifier_pb2_grpc.ClassifierStub(channel).ClassifyStream(
+                    iter([classify_request(x, "slow") for _ in range(40)])
+                )
+            else:
+                call = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+                    iter([infer_request(x, "slow") for _ in range(40)])
+                )
+            if read_first:
+                next(call)
+            else:
+                time.sleep(0.2)  # the server has read messages and is working on them
+            call.cancel()
+            channel.close()
+    good_request_still_answered(sp.address)
+    time.sleep(0.5)  # the server notices the cancellations (a bounded pause, not a synchronisation)
+    t0 = time.monotonic()
+    sp.proc.send_signal(signal.SIGTERM)
+    code = sp.proc.wait(15)
+    took = time.monotonic() - t0
+    log = sp.log_text()
+    assert code == 0, log[-3000:]
+    assert "draining: 0 call(s) in flight" in log, log[-3000:]
+    assert took < 2.0, f"SIGTERM on an idle server took {took:.2f} s: {log[-2000:]}"
