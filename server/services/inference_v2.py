@@ -23,6 +23,7 @@ from convserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from ..errors import InvalidInputError, ModelNotReadyError
 from ..health import Health
 from ..inference import (
+    Backpressure,
     EncodedImage,
     InferenceCore,
     InferenceRequest,
@@ -137,8 +138,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         deadline = deadline_of(context)
 
-        async def handle(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
-            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
+        async def handle(request: pb.ModelInferRequest, valve: Backpressure) -> pb.ModelStreamInferResponse:
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline, valve))
 
         def reply_error(
             request: pb.ModelInferRequest, code: grpc.StatusCode, message: str
@@ -156,7 +157,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             async for reply in replies:
                 yield reply
 
-    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+    async def _infer(
+        self, request: pb.ModelInferRequest, deadline: float | None, valve: Backpressure | None = None
+    ) -> pb.ModelInferResponse:
         call = current_call()
         call.model = request.model_name
         return await self.core.infer(
@@ -170,6 +173,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 api=API,
                 model_field="model_name",
                 trace=call,
+                backpressure=valve,
             ),
             lambda result: _reply(result, request.id),
         )

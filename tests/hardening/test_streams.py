@@ -5,6 +5,7 @@ without a client-side window is slowed by HTTP/2 flow control, never failed with
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -76,3 +77,68 @@ def test_cancelled_streams_leave_nothing_in_flight(spawn_server: Any, hardening_
     assert code == 0, log[-3000:]
     assert "draining: 0 call(s) in flight" in log, log[-3000:]
     assert took < 2.0, f"SIGTERM on an idle server took {took:.2f} s: {log[-2000:]}"
+
+
+def _burst(
+    address: str, api: str, model: str, messages: int, results: list[Any], lock: threading.Lock
+) -> None:
+    """One stream: every message written at once (no client-side window); collect replies in order."""
+    x = np.random.default_rng(len(results)).normal(size=GRAY).astype(np.float32)
+    with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        ids = [f"{api}-{threading.get_ident()}-{i}" for i in range(messages)]
+        try:
+            if api == "classify":
+                replies = list(
+                    classifier_pb2_grpc.ClassifierStub(channel).ClassifyStream(
+                        iter([classify_request(x, model, rid) for rid in ids]), timeout=120
+                    )
+                )
+                got = [
+                    (r.request_id, r.error_code, r.error_message, len(r.response.results)) for r in replies
+                ]
+            else:
+                replies = list(
+                    grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+                        iter([infer_request(x, model, rid) for rid in ids]), timeout=120
+                    )
+                )
+                got = [
+                    (r.infer_response.id, 0 if not r.error_message else -1, r.error_message,
+                     len(r.infer_response.raw_output_contents))
+                    for r in replies
+                ]  # fmt: skip
+            outcome: Any = (ids, got)
+        except grpc.RpcError as err:
+            outcome = (ids, err)
+    with lock:
+        results.append(outcome)
+
+
+def test_unwindowed_stream_burst_is_flow_controlled_not_failed(
+    spawn_server: Any, hardening_repository: Path
+) -> None:
+    """32 streams (both APIs) x 50 messages, each stream written whole before reading a reply, into a model
+    queue of 16 images: every message answered, in order, none refused with RESOURCE_EXHAUSTED."""
+    sp = spawn_server(hardening_repository, "--max-queue-size", "16")
+    results: list[Any] = []
+    lock = threading.Lock()
+    threads = [
+        threading.Thread(
+            target=_burst, args=(sp.address, "classify" if i % 2 else "v2", "gray", 50, results, lock)
+        )
+        for i in range(32)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert len(results) == 32
+    failures: list[str] = []
+    for ids, got in results:
+        if isinstance(got, grpc.RpcError):
+            failures.append(f"stream ended {got.code()}: {got.details()}")
+            continue
+        assert [g[0] for g in got] == ids, "replies missing or out of order"
+        failures += [g[2] for g in got if g[1] != 0 or g[3] != 1]
+    assert not failures, f"{len(failures)} of 1600 messages failed, e.g. {failures[:3]}"
+    good_request_still_answered(sp.address)
