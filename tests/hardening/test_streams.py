@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ def good_request_still_answered(address: str) -> None:
 def test_cancelled_streams_leave_nothing_in_flight(spawn_server: Any, hardening_repository: Path) -> None:
     """Clients open ClassifyStream and ModelStreamInfer on the slow model, send more than the server can
     answer at once, read one reply (or none), cancel and disconnect. Nothing stays counted in flight: the
-    idle server then exits on SIGTERM at once, not after the 10 s grace period."""
+    idle server then drains within 2 s of SIGTERM, not after the 10 s grace period."""
     sp = spawn_server(hardening_repository, "--drain-grace-seconds", "10")
     x = np.random.default_rng(0).normal(size=SLOW).astype(np.float32)
     for read_first in (True, False):
@@ -68,15 +69,24 @@ def test_cancelled_streams_leave_nothing_in_flight(spawn_server: Any, hardening_
             call.cancel()
             channel.close()
     good_request_still_answered(sp.address)
-    time.sleep(0.5)  # the server notices the cancellations (a bounded pause, not a synchronisation)
     t0 = time.monotonic()
     sp.proc.send_signal(signal.SIGTERM)
     code = sp.proc.wait(15)
     took = time.monotonic() - t0
     log = sp.log_text()
     assert code == 0, log[-3000:]
-    assert "draining: 0 call(s) in flight" in log, log[-3000:]
-    assert took < 2.0, f"SIGTERM on an idle server took {took:.2f} s: {log[-2000:]}"
+    assert "grace period over" not in log, log[-3000:]
+    # The drain itself, from the server's own log: signal received → stopped. The process exit around it is
+    # judged more loosely: interpreter teardown is CPU-bound and this machine is shared (load average ~8).
+    stamps = {
+        event: datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+        for line in log.splitlines()
+        for event in ("shutdown signal received", "stopped")
+        if line.endswith(event)
+    }
+    drain = (stamps["stopped"] - stamps["shutdown signal received"]).total_seconds()
+    assert drain < 2.0, f"the drain of an idle server took {drain:.2f} s: {log[-2000:]}"
+    assert took < 5.0, f"SIGTERM on an idle server took {took:.2f} s to exit: {log[-2000:]}"
 
 
 def _burst(
