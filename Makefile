@@ -24,9 +24,11 @@ serve: venv
 system-deps:
 	bash scripts/install_system_deps.sh
 
+# Last step: the SDK tests again in a venv holding the LOWEST grpcio/protobuf/numpy/health-checking declared.
 test: venv system-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+	$(BIN)/python scripts/check_dependency_floor.py
 
 protos: venv
 	$(BIN)/python scripts/gen_protos.py
@@ -47,4 +49,4 @@ stack: venv system-deps
 	$(BIN)/python scripts/run_stack.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis runs bench_results
+	rm -rf $(VENV) .venv-protoc .venv-floor .pytest_cache .ruff_cache .hypothesis runs bench_results

@@ -3,7 +3,7 @@
 An entry is ``<repository>/<name>/config.json`` plus ``<repository>/<name>/<version>/model.onnx``. Nothing
 is written until the graph has passed ``onnx.checker`` and ONNX Runtime has reproduced the PyTorch output;
 the files are then assembled in a hidden temporary folder on the same filesystem and moved into place
-with ``os.rename``, so a reader never sees a half-written entry.
+with ``os.rename`` (server/model_entry.py), so a reader never sees a half-written entry.
 """
 
 from __future__ import annotations
@@ -12,9 +12,6 @@ import contextlib
 import copy
 import itertools
 import logging
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from convserve.server.model_config import MODEL_FILE, ModelConfig, ModelConfigError, write_config
+from convserve.server.model_config import MODEL_FILE, ModelConfig, ModelConfigError
+from convserve.server.model_entry import EntryWriteError, check_writable, next_version, write_entry
 from torch import nn
 
 from .functional import ONNX_OPSET, onnx_translation_table
@@ -189,12 +187,6 @@ def verify_onnx(
     return Verification(batch=batch, max_abs_diff=diff, max_abs_output=scale, nodes=len(nodes))
 
 
-def next_version(model_dir: Path) -> int:
-    """One more than the highest numeric version folder in ``model_dir`` (1 for a new model)."""
-    versions = [int(p.name) for p in _iterdir(model_dir) if p.is_dir() and p.name.isdigit()]
-    return max(versions, default=0) + 1
-
-
 def export_model(
     model: nn.Module,
     cfg: ModelConfig,
@@ -219,7 +211,10 @@ def export_model(
         raise ExportError(f"version must be a positive integer, got {version!r}")
     repository = Path(repository)
     model_dir = repository / cfg.name
-    _check_writable(repository)
+    try:
+        check_writable(repository)
+    except EntryWriteError as exc:
+        raise ExportError(str(exc)) from None
     version = next_version(model_dir) if version is None else int(version)
     target = model_dir / str(version)
     if target.exists() and not force:
@@ -233,76 +228,15 @@ def export_model(
     log.info("exported %s v%d: %d nodes, %.1f KiB, max |ort - torch| = %.2g", cfg.name, version, check.nodes,
              len(onnx_bytes) / 1024, check.max_abs_diff)
     try:
-        _write_entry(model_dir, version, onnx_bytes, cfg)
+        write_entry(model_dir, version, onnx_bytes, cfg)
     except OSError as exc:
         raise ExportError(f"cannot write model entry under {repository}: {exc.strerror or exc}") from None
     return target / MODEL_FILE
 
 
-def _write_entry(model_dir: Path, version: int, onnx_bytes: bytes, cfg: ModelConfig) -> None:
-    """Move a complete entry into place with renames; on any failure remove the temporary files only."""
-    fresh = not model_dir.exists()
-    # Hidden names: a repository scanner takes only numeric version folders and named model folders.
-    parent = model_dir.parent if fresh else model_dir
-    staging = Path(tempfile.mkdtemp(prefix=f".{cfg.name}-{version}.", suffix=".tmp", dir=parent))
-    trash: Path | None = None
-    try:
-        _make_readable(staging)
-        entry_root = staging if fresh else staging / "entry"
-        version_dir = entry_root / str(version)
-        version_dir.mkdir(parents=True)
-        _make_readable(version_dir)
-        (version_dir / MODEL_FILE).write_bytes(onnx_bytes)
-        write_config(entry_root, cfg)
-        if fresh:
-            os.rename(staging, model_dir)  # the whole entry appears at once
-            return
-        target = model_dir / str(version)
-        if target.exists():  # force: keep the old version until the new one is in place
-            trash = staging / "old"
-            os.rename(target, trash)
-        try:
-            os.rename(version_dir, target)
-        except OSError:
-            if trash is not None:
-                os.rename(trash, target)
-            raise
-        os.replace(entry_root / "config.json", model_dir / "config.json")
-    finally:
-        # After a successful fresh rename the staging path is gone and this does nothing.
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _check_writable(repository: Path) -> None:
-    if repository.exists() and not repository.is_dir():
-        raise ExportError(f"model repository {repository} is not a directory")
-    try:
-        repository.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ExportError(f"cannot create model repository {repository}: {exc.strerror or exc}") from None
-    if not repository.is_dir():
-        raise ExportError(f"model repository {repository} is not a directory")
-    if not os.access(repository, os.W_OK | os.X_OK):
-        raise ExportError(f"model repository {repository} is not writable")
-
-
-def _make_readable(path: Path) -> None:
-    """mkdtemp creates 0700 folders; a server running as another user must be able to read the entry."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _iterdir(path: Path) -> Iterator[Path]:
-    try:
-        yield from Path(path).iterdir()
-    except (FileNotFoundError, NotADirectoryError):
-        return
 
 
 def _all_nodes(graph) -> Iterator:

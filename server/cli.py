@@ -7,7 +7,8 @@ from typing import Any
 
 
 def add_commands(subparsers: Any) -> None:
-    """Register ``serve`` on the ``convserve`` command (heavy imports stay inside the handler)."""
+    """Register ``serve`` and ``import`` on the ``convserve`` command (heavy imports stay in the handlers)."""
+    from .importer import add_command as add_import_command
     from .settings import add_arguments
 
     parser = subparsers.add_parser(
@@ -19,6 +20,7 @@ def add_commands(subparsers: Any) -> None:
     )
     add_arguments(parser)
     parser.set_defaults(func=_serve)
+    add_import_command(subparsers)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -10,7 +10,8 @@
     ├── ReplyTooLargeError         RESOURCE_EXHAUSTED the reply would exceed the largest message sent
     ├── DeadlineExpiredError       DEADLINE_EXCEEDED deadline passed while queued; never run
     ├── UnauthenticatedError       UNAUTHENTICATED   missing or wrong token
-    └── PermissionDeniedError      PERMISSION_DENIED model control disabled
+    ├── PermissionDeniedError      PERMISSION_DENIED model control disabled
+    └── NotSupportedError          UNIMPLEMENTED     a protocol extension convserve does not serve
 
 ``failure(exc, request_id)`` decides (status, message, reason) once, transport-neutrally: the gRPC edge
 sends ``Failure.code``, an HTTP edge ``Failure.http_status``; logs and metrics reuse the same ``reason``.
@@ -73,6 +74,10 @@ class PermissionDeniedError(ConvserveServerError):
     reason = "permission_denied"
 
 
+class NotSupportedError(ConvserveServerError):
+    reason = "not_supported"
+
+
 STATUS_BY_ERROR: dict[type[ConvserveServerError], grpc.StatusCode] = {
     InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
@@ -84,6 +89,7 @@ STATUS_BY_ERROR: dict[type[ConvserveServerError], grpc.StatusCode] = {
     DeadlineExpiredError: grpc.StatusCode.DEADLINE_EXCEEDED,
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    NotSupportedError: grpc.StatusCode.UNIMPLEMENTED,
 }
 
 
@@ -104,6 +110,7 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
     grpc.StatusCode.UNAUTHENTICATED: 401,
     grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
     grpc.StatusCode.CANCELLED: 499,
     grpc.StatusCode.INTERNAL: 500,
 }

@@ -12,9 +12,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config_source import CONFIG_FILES, read_model_config
 from .errors import ConvserveServerError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from .metrics import Metrics
-from .model_config import CONFIG_FILE, MODEL_FILE, NAME_PATTERN, ModelConfig, ModelConfigError, load_config
+from .model_config import MODEL_FILE, NAME_PATTERN, ModelConfig, ModelConfigError
 from .served_model import ModelState, ServedModel
 from .settings import Settings
 
@@ -39,13 +40,13 @@ def _version_folders(model_dir: Path) -> list[int]:
 
 
 def model_fingerprint(model_dir: Path) -> tuple[object, ...]:
-    """What repository polling compares between passes: stamps of config.json and each version's model."""
+    """What repository polling compares between passes: the config files' and each version's stamps."""
     try:
         versions = _version_folders(model_dir)
     except OSError:
         return ()
     return (
-        _stamp(model_dir / CONFIG_FILE),
+        *(_stamp(model_dir / name) for name in CONFIG_FILES),
         *((v, _stamp(model_dir / str(v) / MODEL_FILE)) for v in versions),
     )
 
@@ -142,7 +143,7 @@ class ModelRepository:
             int(p.name) for p in model_dir.iterdir() if p.is_dir() and _VERSION_DIR.match(p.name)
         )
         try:
-            cfg = load_config(model_dir)
+            cfg = read_model_config(model_dir)
         except ModelConfigError as exc:
             entry = ModelEntry(
                 name,
@@ -221,7 +222,7 @@ class ModelRepository:
         fingerprint = model_fingerprint(model_dir)
         on_disk = _version_folders(model_dir)
         try:
-            cfg = load_config(model_dir)
+            cfg = await asyncio.to_thread(read_model_config, model_dir)
         except ModelConfigError as exc:
             if old is not None and old.latest_ready() is not None:
                 for sm in old.versions.values():

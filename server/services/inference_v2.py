@@ -38,12 +38,14 @@ from ..model_config import ModelConfig
 from ..repository import ModelRepository, parse_version
 from ..settings import Settings
 from .common import deadline_of, stream_replies
+from .triton_extensions import SERVED as TRITON_EXTENSIONS
+from .triton_extensions import TritonExtensions
 
 API = "v2"
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 # Answered while draining so probes can watch a replica go away.
 PROBES = ("ServerLive", "ServerReady", "ModelReady")
-EXTENSIONS = ("classification",)
+EXTENSIONS = ("classification", *TRITON_EXTENSIONS)
 CLASSIFICATION = "classification"
 
 
@@ -56,7 +58,7 @@ def _server_version() -> str:
         return "0"
 
 
-class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
     """The v2 protocol over the same repository and models as the convserve.v1 API."""
 
     def __init__(

@@ -62,8 +62,17 @@ def fields(desc):
            for f in desc.fields}
     for nested in desc.nested_types:
         out.update({f"{nested.name}.{k}": v for k, v in fields(nested).items()})
+    for enum in desc.enum_types:
+        out.update({f"{enum.name}.{v.name}": v.number for v in enum.values})
     return out
-print(json.dumps({name: fields(d) for name, d in module.DESCRIPTOR.message_types_by_name.items()}))
+d = module.DESCRIPTOR
+dump = {name: fields(m) for name, m in d.message_types_by_name.items()}
+enums = d.enum_types_by_name.items()
+dump.update({f"enum {name}": {v.name: v.number for v in e.values} for name, e in enums})
+dump.update({f"service {name}": {m.name: [m.input_type.full_name, m.output_type.full_name,
+                                          m.client_streaming, m.server_streaming] for m in s.methods}
+             for name, s in d.services_by_name.items()})
+print(json.dumps(dump))
 """
 
 
@@ -110,8 +119,16 @@ def test_tritonclient_drives_our_server(
     assert server.stop() == 0
 
 
-def test_v2_field_numbers_equal_tritonclient() -> None:
-    """Our hand-written grpc_service.proto against tritonclient's generated one, message by message."""
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        ("convserve.protos.inference.grpc_service_pb2", "tritonclient.grpc.service_pb2"),
+        ("convserve.protos.inference.model_config_pb2", "tritonclient.grpc.model_config_pb2"),
+    ],
+)
+def test_v2_field_numbers_equal_tritonclient(ours: str, theirs: str) -> None:
+    """Our hand-written protos against tritonclient's generated ones: every message, field, enum value and
+    RPC we declare exists there with the same number, type and label (we may declare less, never other)."""
 
     def dump(module: str) -> dict[str, Any]:
         done = subprocess.run(
@@ -120,10 +137,10 @@ def test_v2_field_numbers_equal_tritonclient() -> None:
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 
-    ours = dump("convserve.protos.inference.grpc_service_pb2")
-    theirs = dump("tritonclient.grpc.service_pb2")
-    assert ours, "no messages in our v2 proto"
-    for message, fields in ours.items():
-        assert message in theirs, f"{message} is not a tritonclient message"
+    mine, reference = dump(ours), dump(theirs)
+    assert mine, f"nothing declared in {ours}"
+    for message, fields in mine.items():
+        assert message in reference, f"{message} is not a tritonclient message"
         for field, spec in fields.items():
-            assert theirs[message].get(field) == spec, (message, field, spec, theirs[message].get(field))
+            theirs_spec = reference[message].get(field)
+            assert theirs_spec == spec, (message, field, spec, theirs_spec)

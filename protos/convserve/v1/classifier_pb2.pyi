@@ -175,7 +175,7 @@ class BatchingSpec(_message.Message):
     max_queue_size: int
     preferred_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
     instances: int
-    def __init__(self, enabled: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., instances: _Optional[int] = ...) -> None: ...
+    def __init__(self, enabled: bool = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., instances: _Optional[int] = ...) -> None: ...
 
 class ModelDescription(_message.Message):
     __slots__ = ("name", "version", "versions", "input", "labels", "execution_provider", "max_batch_size", "ready", "batching", "architecture")
@@ -199,7 +199,7 @@ class ModelDescription(_message.Message):
     ready: bool
     batching: BatchingSpec
     architecture: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[VersionStatus, _Mapping]]] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., execution_provider: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., ready: _Optional[bool] = ..., batching: _Optional[_Union[BatchingSpec, _Mapping]] = ..., architecture: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[VersionStatus, _Mapping]]] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., execution_provider: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., ready: bool = ..., batching: _Optional[_Union[BatchingSpec, _Mapping]] = ..., architecture: _Optional[str] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
     __slots__ = ("model",)
