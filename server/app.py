@@ -11,7 +11,9 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from . import logging_setup
 from .health import Health
 from .inference import InferenceCore
 from .interceptors import Edge, TokenAuthInterceptor, read_tokens
+from .memory import HeapTrimmer
 from .metrics import Metrics
 from .repository import ModelRepository
 from .services import classify, inference_v2
@@ -63,6 +66,7 @@ class RunningServer:
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
     _poller: asyncio.Task[None] | None = None  # repository polling (hot reload), when configured
+    _trimmer: HeapTrimmer | None = None  # returns freed heap to the OS after large messages
 
     @property
     def address(self) -> str:
@@ -117,6 +121,9 @@ class RunningServer:
         await self.repository.stop(max(0.0, deadline - time.monotonic()))
         self.core.close()
         self.metrics.stop()
+        if self._trimmer is not None:
+            self._trimmer.stop()
+        logging_setup.flush_suppressed()  # the count of failure lines the rate limit held back
         self._stopped.set()
         log.info("stopped")
 
@@ -150,7 +157,8 @@ async def start_server(
     repository.scan()
     health = Health(SERVICE_NAMES)
     await health.start()
-    edge = Edge(health)
+    trimmer = HeapTrimmer()
+    edge = Edge(health, on_message=trimmer.note)
 
     interceptors = []
     tokens = (
@@ -196,6 +204,8 @@ async def start_server(
         core.close()
         raise
     running = RunningServer(server, settings, repository, metrics, health, edge, core, port, metrics_port)
+    running._trimmer = trimmer
+    trimmer.start()
     if settings.repository_poll_seconds > 0:
         running._poller = asyncio.create_task(repository.poll_forever(settings.repository_poll_seconds))
     log.info(
@@ -209,14 +219,36 @@ async def start_server(
     return running
 
 
+def check_port_file(path: str | Path) -> None:
+    """Raise ValueError when ``path`` exists and is not a regular file (a device, folder, FIFO, socket or
+    symlink): the port file replaces what is there, and a server run as root must not replace those."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"port file {path} exists and is not a regular file; refusing to replace it")
+
+
 def write_port_file(path: str | Path, grpc_port: int, metrics_port: int | None) -> None:
-    """Write the bound ports as JSON, atomically, so a reader never sees half a file."""
+    """Write the bound ports as JSON, atomically, so a reader never sees half a file.
+
+    The temporary file is created exclusively (``mkstemp``: never through a planted symlink) beside
+    ``path`` and renamed over it. Raises ValueError for an existing non-regular ``path``.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(
-        json.dumps({"grpc_port": grpc_port, "metrics_port": metrics_port, "pid": os.getpid()}) + "\n"
-    )
-    tmp.replace(path)
+    check_port_file(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps({"grpc_port": grpc_port, "metrics_port": metrics_port, "pid": os.getpid()}))
+            out.write("\n")
+        os.chmod(tmp, 0o644)
+        check_port_file(path)  # narrows the window between the first check and the rename
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def loopback_command(
@@ -245,12 +277,19 @@ async def _serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
+        if settings.port_file:
+            check_port_file(settings.port_file)
         running = await start_server(settings, load_models=False)
     except (OSError, ValueError, RuntimeError) as exc:  # busy port, unreadable TLS/token file, ...
         log.error("cannot start the server: %s", exc)
         return 1
     if settings.port_file:
-        write_port_file(settings.port_file, running.grpc_port, running.metrics_port)
+        try:
+            write_port_file(settings.port_file, running.grpc_port, running.metrics_port)
+        except (OSError, ValueError) as exc:
+            log.error("cannot write the port file: %s", exc)
+            await running.stop(0)
+            return 1
     loader = asyncio.create_task(running.load_models())
     await stop.wait()
     log.info("shutdown signal received")

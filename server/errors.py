@@ -93,6 +93,28 @@ STATUS_BY_ERROR: dict[type[ConvserveServerError], grpc.StatusCode] = {
 }
 
 
+# A status message travels in the grpc-message trailer; request-derived text (a multi-megabyte tensor
+# name or datatype) copied into it whole would overflow the client's 16 KiB metadata limit and turn an
+# INVALID_ARGUMENT into RESOURCE_EXHAUSTED. 1 KiB names any problem; the rest is cut.
+MAX_STATUS_MESSAGE_BYTES = 1024
+
+
+def truncate(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes (never inside a character), ending with a note
+    of the original size so that the cut is visible."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    note = f"... [cut; {len(data)} bytes in all]"
+    keep = max(0, limit - len(note))
+    return data[:keep].decode("utf-8", "ignore") + note[: limit - keep]
+
+
+def status_message(text: str) -> str:
+    """A client-facing status message, bounded to MAX_STATUS_MESSAGE_BYTES."""
+    return truncate(text, MAX_STATUS_MESSAGE_BYTES)
+
+
 def status_for(error: BaseException) -> grpc.StatusCode:
     """The gRPC status for an exception; anything unknown is INTERNAL."""
     for kind in type(error).__mro__:
@@ -134,5 +156,5 @@ def failure(exc: BaseException, request_id: str = "") -> Failure:
     """The one translation of an exception for every transport: domain errors keep their message and
     reason; anything else is INTERNAL "internal error, request id …" (details stay in the server log)."""
     if isinstance(exc, ConvserveServerError):
-        return Failure(status_for(exc), exc.message, exc.reason, False)
+        return Failure(status_for(exc), status_message(exc.message), exc.reason, False)
     return Failure(grpc.StatusCode.INTERNAL, f"internal error, request id {request_id}", "internal", True)

@@ -47,7 +47,7 @@ def build_config(
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
 ) -> ModelConfig:
     """The complete config for ``model_path``: the graph's facts plus the given labels and preprocessing."""
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise ImportModelError(f"--name: expected a model name matching {NAME_PATTERN.pattern}, got {name!r}")
     try:
         sig = read_signature(model_path)

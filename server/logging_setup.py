@@ -12,19 +12,25 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TextIO
+
+from .errors import truncate
 
 __all__ = [
     "ACCESS_LOGGER",
     "REQUESTS_LOGGER",
     "REQUEST_ID_KEY",
+    "FailureLogLimiter",
     "JsonFormatter",
     "TextFormatter",
     "access_log_enabled",
     "configure_logging",
+    "echo_request_id",
+    "flush_suppressed",
     "log_access",
     "log_failed_request",
     "new_request_id",
@@ -38,6 +44,13 @@ ACCESS_LOGGER = "convserve.access"
 # A client-chosen id is echoed into logs and metadata, so only short printable tokens are accepted.
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 _HANDLER_MARK = "_convserve_handler"
+
+# Bounds on one log line, in UTF-8 bytes. Request-derived text (a model name, an error quoting a tensor
+# name) can be megabytes; a line names the problem in far less. Each string value (the message, each
+# field) is cut to FIELD_LIMIT, a traceback to EXC_LIMIT, and the whole line to LINE_LIMIT.
+LINE_LIMIT = 8 * 1024
+FIELD_LIMIT = 1024
+EXC_LIMIT = 4 * 1024
 
 _requests_log = logging.getLogger(REQUESTS_LOGGER)
 _access_log = logging.getLogger(ACCESS_LOGGER)
@@ -60,41 +73,95 @@ def request_id_from_metadata(metadata: Iterable[tuple[str, Any]] | None) -> str:
     return new_request_id()
 
 
+def echo_request_id(given: str, fallback: str) -> str:
+    """The correlation id a reply echoes: the client's own (a request body's ``request_id`` / ``id``) when
+    it is a sane token, ``fallback`` (the call's request id) when it is not; "" stays ""."""
+    if not given or _REQUEST_ID_RE.fullmatch(given):
+        return given
+    return fallback
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     fields = getattr(record, "fields", None)
     return fields if isinstance(fields, dict) else {}
 
 
+def _bounded(value: Any, limit: int) -> Any:
+    return truncate(value, limit) if isinstance(value, str) else value
+
+
+def _traceback(formatter: logging.Formatter, record: logging.LogRecord, limit: int) -> str:
+    """The record's traceback, each line and the whole cut so that an exception quoting megabytes of
+    request text cannot blow up the line (the frames at the top are kept)."""
+    text = record.exc_text or formatter.formatException(record.exc_info)  # type: ignore[arg-type]
+    lines = "\n".join(truncate(line, 512) for line in text.splitlines())
+    return truncate(lines, limit)
+
+
+def _fit(render: Callable[[int, int], str]) -> str:
+    """``render(field_limit, exc_limit)`` with limits shrunk until the line is at most LINE_LIMIT bytes;
+    a line still over it (hundreds of fields) is cut."""
+    field_limit, exc_limit = FIELD_LIMIT, EXC_LIMIT
+    while True:
+        line = render(field_limit, exc_limit)
+        if len(line.encode("utf-8", "replace")) <= LINE_LIMIT or field_limit <= 64:
+            return truncate(line, LINE_LIMIT)
+        field_limit, exc_limit = field_limit // 4, exc_limit // 4
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts (RFC 3339, UTC), level, logger, msg, the record's fields, exc."""
+    """One JSON object per line: ts (RFC 3339, UTC), level, logger, msg, the record's fields, exc.
+
+    At most LINE_LIMIT bytes: string values are cut (see FIELD_LIMIT) so that the line stays valid JSON.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for key, value in _fields(record).items():
-            line.setdefault(key, value)
-        if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str, ensure_ascii=False)
+        msg = record.getMessage()
+        exc = record.exc_info and _traceback(self, record, 1 << 30)
+
+        def render(field_limit: int, exc_limit: int) -> str:
+            line: dict[str, Any] = {
+                "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                + f".{int(record.msecs):03d}Z",
+                "level": record.levelname,
+                "logger": record.name,
+                "msg": truncate(msg, field_limit),
+            }
+            for key, value in _fields(record).items():
+                line.setdefault(truncate(str(key), 64), _bounded(value, field_limit))
+            if exc:
+                line["exc"] = truncate(exc, exc_limit)
+            return json.dumps(line, default=str, ensure_ascii=False)
+
+        return _fit(render)
 
 
 class TextFormatter(logging.Formatter):
-    """`time level logger: msg key=value ...` for people reading a terminal."""
+    """`time level logger: msg key=value ...` for people reading a terminal; at most LINE_LIMIT bytes."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        text = super().formatMessage(record)
-        fields = _fields(record)
-        if fields:
-            text += " " + " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
-        return text
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record, self.datefmt)
+        msg = record.message
+        exc = record.exc_info and _traceback(self, record, 1 << 30)
+
+        def render(field_limit: int, exc_limit: int) -> str:
+            record.message = truncate(msg, field_limit)
+            text = self.formatMessage(record)
+            fields = _fields(record)
+            if fields:
+                text += " " + " ".join(
+                    f"{truncate(str(k), 64)}={_text_value(_bounded(v, field_limit))}"
+                    for k, v in fields.items()
+                )
+            if exc:
+                text += "\n" + truncate(exc, exc_limit)
+            return text
+
+        return _fit(render)
 
 
 def _text_value(value: Any) -> str:
@@ -102,6 +169,55 @@ def _text_value(value: Any) -> str:
         return f"{value:.6g}"
     text = str(value)
     return json.dumps(text) if (not text or any(c in text for c in ' "=\n')) else text
+
+
+class FailureLogLimiter:
+    """Per-reason token bucket for failed-request lines: ``burst`` lines at once, then ``rate`` a second.
+
+    A client repeating one mistake (or a flood of them) would otherwise write a line per request: a
+    3-minute mixed soak wrote 34 MB. Dropped lines are counted; the next line let through for the same
+    reason carries ``suppressed=N``, and ``flush_suppressed`` (at shutdown) reports what is left.
+    Requests are still counted one by one in the metrics.
+    """
+
+    def __init__(
+        self, rate: float = 1.0, burst: int = 10, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate, self.burst, self._clock = rate, burst, clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # reason -> (tokens, last refill time)
+        self._suppressed: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, reason: str) -> tuple[bool, int]:
+        """(log this line?, lines of this reason suppressed since the last one logged)."""
+        now = self._clock()
+        with self._lock:
+            tokens, last = self._buckets.get(reason, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+            if tokens < 1.0:
+                self._buckets[reason] = (tokens, now)
+                self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+                return False, 0
+            self._buckets[reason] = (tokens - 1.0, now)
+            return True, self._suppressed.pop(reason, 0)
+
+    def drain(self) -> dict[str, int]:
+        """Suppressed counts not yet reported, by reason; resets them."""
+        with self._lock:
+            pending, self._suppressed = self._suppressed, {}
+        return pending
+
+
+_failure_limiter = FailureLogLimiter()
+
+
+def flush_suppressed() -> None:
+    """Log one line per reason whose failed-request lines were suppressed and not yet reported."""
+    for reason, count in sorted(_failure_limiter.drain().items()):
+        _requests_log.warning(
+            "failed-request lines suppressed",
+            extra={"fields": {"event": "request_failed_suppressed", "reason": reason, "suppressed": count}},
+        )
 
 
 def configure_logging(
@@ -126,6 +242,8 @@ def configure_logging(
     # The handler owns output: without this, a host application's root handler would print lines twice.
     root.propagate = False
     _access_log.setLevel(logging.INFO if access_log else logging.CRITICAL + 1)
+    global _failure_limiter
+    _failure_limiter = FailureLogLimiter()  # a fresh budget for a fresh configuration
     return handler
 
 
@@ -142,7 +260,16 @@ def log_failed_request(
     peer: str = "",
     exc_info: BaseException | None = None,
 ) -> None:
-    """One structured line for a failed request; a traceback only for INTERNAL (`exc_info`)."""
+    """One structured line for a failed request; a traceback only for INTERNAL (`exc_info`).
+
+    Rate-limited per ``reason`` (FailureLogLimiter): past the budget lines are counted, not written.
+    """
+    level = logging.ERROR if code in ("INTERNAL", "UNKNOWN") else logging.WARNING
+    if not _requests_log.isEnabledFor(level):
+        return
+    admitted, suppressed = _failure_limiter.admit(reason or code)
+    if not admitted:
+        return
     fields: dict[str, Any] = {
         "event": "request_failed",
         "request_id": request_id,
@@ -157,7 +284,8 @@ def log_failed_request(
         fields["duration_ms"] = round(duration_s * 1000.0, 3)
     if peer:
         fields["peer"] = peer
-    level = logging.ERROR if code in ("INTERNAL", "UNKNOWN") else logging.WARNING
+    if suppressed:
+        fields["suppressed"] = suppressed
     _requests_log.log(
         level,
         "request failed",

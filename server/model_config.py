@@ -12,6 +12,7 @@ as the server does. Only the standard library is used so every extra can import 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -20,8 +21,9 @@ from typing import Any
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.onnx"
 
-# Model names become metric labels and directory names: keep them to a safe alphabet.
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Model names become metric labels and directory names: keep them to a safe alphabet. Always used with
+# fullmatch: "$" would also accept a trailing newline.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DTYPES = ("float32",)
 LAYOUTS = ("NCHW",)
 COLOR_MODES = ("L", "RGB")
@@ -199,9 +201,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _problems(cfg: ModelConfig) -> list[str]:
     p: list[str] = []
-    if not NAME_PATTERN.match(cfg.name):
+    if not NAME_PATTERN.fullmatch(cfg.name):
         p.append(f"name must match {NAME_PATTERN.pattern}, got {cfg.name!r}")
     if cfg.input.dtype not in DTYPES:
         p.append(f"input.dtype must be one of {DTYPES}, got {cfg.input.dtype!r}")
@@ -219,8 +225,14 @@ def _problems(cfg: ModelConfig) -> list[str]:
         p.append(f"preprocessing.resize {list(pre.resize)} must equal input H, W {list(cfg.input.shape[1:])}")
     if len(pre.mean) != len(pre.color_mode) or len(pre.std) != len(pre.color_mode):
         p.append(f"preprocessing.mean/std need one value per channel ({len(pre.color_mode)})")
-    if any(s <= 0 for s in pre.std):
-        p.append("preprocessing.std values must be positive")
+    # json.loads accepts NaN and Infinity: a NaN mean or an infinite/zero std would turn every input into
+    # NaN or a constant, and the model would answer nonsense while health says SERVING.
+    for i, m in enumerate(pre.mean):
+        if not _finite(m):
+            p.append(f"preprocessing.mean[{i}] must be a finite number, got {m!r}")
+    for i, s in enumerate(pre.std):
+        if not (_finite(s) and s > 0):
+            p.append(f"preprocessing.std[{i}] must be a finite number > 0, got {s!r}")
     if cfg.output.kind not in OUTPUT_KINDS:
         p.append(f"output.kind must be one of {OUTPUT_KINDS}, got {cfg.output.kind!r}")
     if not cfg.labels:

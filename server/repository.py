@@ -21,7 +21,7 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-_VERSION_DIR = re.compile(r"^[0-9]{1,18}$")
+_VERSION_DIR = re.compile(r"[0-9]{1,18}")  # fullmatch only, like NAME_PATTERN
 
 Stamp = tuple[int, int] | None
 
@@ -36,7 +36,7 @@ def _stamp(path: Path) -> Stamp:
 
 
 def _version_folders(model_dir: Path) -> list[int]:
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and _VERSION_DIR.match(p.name))
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and _VERSION_DIR.fullmatch(p.name))
 
 
 def model_fingerprint(model_dir: Path) -> tuple[object, ...]:
@@ -87,7 +87,7 @@ def validate_model_name(name: str, where: str = "model") -> str:
     """Return ``name`` if it is a well-formed model name, else raise InvalidInputError."""
     if not name:
         raise InvalidInputError(f"{where}: expected a model name, got an empty string")
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         shown = name if len(name) <= 80 else name[:77] + "..."
         raise InvalidInputError(
             f"{where}: expected a model name matching {NAME_PATTERN.pattern}, got {shown!r}"
@@ -99,7 +99,7 @@ def parse_version(text: str, where: str = "model_version") -> int:
     """A v2 version string → int; "" means latest (0)."""
     if text == "":
         return 0
-    if not _VERSION_DIR.match(text):
+    if not _VERSION_DIR.fullmatch(text):
         shown = text if len(text) <= 40 else text[:37] + "..."
         raise InvalidInputError(
             f"{where}: expected a positive integer version or empty for the latest, got {shown!r}"
@@ -130,20 +130,53 @@ class ModelRepository:
             return
         for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             name = model_dir.name
-            if not NAME_PATTERN.match(name):
+            if not NAME_PATTERN.fullmatch(name):
                 log.warning(
                     "skipping %s: folder name is not a valid model name (%s)", model_dir, NAME_PATTERN.pattern
                 )
                 continue
             self._entries[name] = self._scan_model(model_dir)
 
+    def _outside(self, path: Path) -> str:
+        """Why ``path`` may not be served when a symlink leads it outside the repository, else "".
+
+        A repository is what an operator chose to expose; a link out of it (planted or left over) would
+        serve whatever it points at, so it must be allowed explicitly (``allow_external_symlinks``).
+        """
+        if self.settings.allow_external_symlinks:
+            return ""
+        try:
+            path.resolve().relative_to(self.root.resolve())
+        except ValueError:
+            return self._public(
+                f"{path} is a symlink (or lies under one) leading outside the model repository; "
+                "refused unless allow_external_symlinks is set"
+            )
+        except OSError as exc:  # a symlink loop
+            return self._public(f"{path}: cannot resolve: {exc}")
+        return ""
+
+    def _read_config(self, model_dir: Path) -> ModelConfig:
+        """The model's config from whichever source defines it; none may lead outside the repository."""
+        for name in CONFIG_FILES:
+            outside = self._outside(model_dir / name)
+            if outside:
+                raise ModelConfigError(outside)
+        return read_model_config(model_dir)
+
+    def _unservable(self, path: Path) -> str:
+        """Why a version's model file cannot be loaded (missing, or outside the repository), else ""."""
+        if not path.is_file():
+            return self._public(f"no {MODEL_FILE} in {path.parent}")
+        return self._outside(path)
+
     def _scan_model(self, model_dir: Path) -> ModelEntry:
         name = model_dir.name
         on_disk = sorted(
-            int(p.name) for p in model_dir.iterdir() if p.is_dir() and _VERSION_DIR.match(p.name)
+            int(p.name) for p in model_dir.iterdir() if p.is_dir() and _VERSION_DIR.fullmatch(p.name)
         )
         try:
-            cfg = read_model_config(model_dir)
+            cfg = self._read_config(model_dir)
         except ModelConfigError as exc:
             entry = ModelEntry(
                 name,
@@ -188,8 +221,9 @@ class ModelRepository:
             for entry in list(self._entries.values()):
                 for sm in list(entry.versions.values()):
                     if sm.state is ModelState.LOADING:
-                        if not sm.path.is_file():
-                            sm.fail(self._public(f"no {MODEL_FILE} in {sm.path.parent}"))
+                        problem = self._unservable(sm.path)
+                        if problem:
+                            sm.fail(problem)
                             continue
                         await asyncio.to_thread(sm.load)
             self.loaded = True
@@ -222,7 +256,7 @@ class ModelRepository:
         fingerprint = model_fingerprint(model_dir)
         on_disk = _version_folders(model_dir)
         try:
-            cfg = await asyncio.to_thread(read_model_config, model_dir)
+            cfg = await asyncio.to_thread(self._read_config, model_dir)
         except ModelConfigError as exc:
             if old is not None and old.latest_ready() is not None:
                 for sm in old.versions.values():
@@ -264,8 +298,9 @@ class ModelRepository:
                 versions[v], stamps[v] = current, stamp  # unchanged: keeps serving as it is
                 continue
             candidate = ServedModel(name, v, path, cfg, self.settings, self.metrics)
-            if stamp is None:
-                candidate.fail(self._public(f"no {MODEL_FILE} in {path.parent}"))
+            problem = self._unservable(path)
+            if problem:
+                candidate.fail(problem)
             else:
                 await asyncio.to_thread(candidate.load)
             if candidate.ready:
@@ -356,7 +391,7 @@ class ModelRepository:
         names = sorted(
             p.name
             for p in self.root.iterdir()
-            if p.is_dir() and not p.name.startswith(".") and NAME_PATTERN.match(p.name)
+            if p.is_dir() and not p.name.startswith(".") and NAME_PATTERN.fullmatch(p.name)
         )
         for name in names:
             entry = self._entries.get(name)

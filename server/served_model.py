@@ -14,6 +14,7 @@ import numpy as np
 from .batcher import Backpressure, Batcher, BatchingPolicy
 from .errors import DeadlineExpiredError, ModelNotReadyError
 from .metrics import Metrics
+from .model_check import warm_up
 from .model_config import ModelConfig
 from .session import OnnxSession, SessionOptions
 from .settings import Settings
@@ -110,6 +111,7 @@ class ServedModel:
                 self.providers,
                 SessionOptions(s.intra_op_threads, s.inter_op_threads, s.graph_optimization_level),
             )
+            warm_up(session.run, self.cfg)  # serves only after real batches give [N, classes] finite values
         except Exception as exc:  # any load problem is a reason to report, not a crash
             if self.state is not ModelState.LOADING:
                 return

@@ -67,6 +67,9 @@ class Settings:
     repository_poll_seconds: float = _s(
         0.0, "rescan the repository this often; new or changed versions serve without a restart (0 = off)"
     )
+    allow_external_symlinks: bool = _s(
+        False, "serve model folders or files that are symlinks leading outside the repository (off: refused)"
+    )
     allow_model_control: bool = _s(
         False, "enable the LoadModel/UnloadModel RPCs; needs auth (tokens or mTLS) to start"
     )

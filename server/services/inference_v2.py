@@ -12,6 +12,7 @@ the same number the convserve.v1 API reports.
 from __future__ import annotations
 
 import contextlib
+import re
 import struct
 from collections.abc import AsyncIterator
 
@@ -20,7 +21,7 @@ import numpy as np
 from convserve.protos.inference import grpc_service_pb2 as pb
 from convserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
-from ..errors import InvalidInputError, ModelNotReadyError
+from ..errors import InvalidInputError, ModelNotReadyError, status_message
 from ..health import Health
 from ..inference import (
     Backpressure,
@@ -33,6 +34,7 @@ from ..inference import (
     TensorInput,
 )
 from ..interceptors import current_call
+from ..logging_setup import echo_request_id
 from ..metrics import Metrics
 from ..model_config import ModelConfig
 from ..repository import ModelRepository, parse_version
@@ -147,9 +149,10 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
             request: pb.ModelInferRequest, code: grpc.StatusCode, message: str
         ) -> pb.ModelStreamInferResponse:
             return pb.ModelStreamInferResponse(
-                error_message=f"{code.name}: {message}",
+                error_message=status_message(f"{code.name}: {message}"),
                 infer_response=pb.ModelInferResponse(
-                    model_name=getattr(request, "model_name", ""), id=getattr(request, "id", "")
+                    model_name=status_message(getattr(request, "model_name", "")),
+                    id=echo_request_id(getattr(request, "id", ""), current_call().request_id),
                 ),
             )
 
@@ -177,7 +180,7 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
                 trace=call,
                 backpressure=valve,
             ),
-            lambda result: _reply(result, request.id),
+            lambda result: _reply(result, echo_request_id(request.id, call.request_id)),
         )
 
 
@@ -216,6 +219,11 @@ def _inputs(request: pb.ModelInferRequest, cfg: ModelConfig) -> list[Input]:
     raw = request.raw_input_contents
     if raw and len(raw) != 1:
         raise InvalidInputError(f"raw_input_contents: expected one entry (one per input), got {len(raw)}")
+    if raw and inp.contents.ListFields():
+        # Triton and KServe refuse this too: which of the two tensors was meant is unknowable.
+        raise InvalidInputError(
+            f"{where}.contents: expected the tensor in either contents or raw_input_contents, got both"
+        )
     shape = tuple(int(d) for d in inp.shape)
     if inp.datatype == "FP32":
         if len(shape) != 4:
@@ -241,12 +249,23 @@ def _inputs(request: pb.ModelInferRequest, cfg: ModelConfig) -> list[Input]:
     )
 
 
+# A class count written as a string: ASCII digits only (str.isdigit() also accepts "²", which int()
+# refuses) and at most 18 of them (int() refuses more than 4300 digits; no model has 10**18 classes).
+_INT_TEXT = re.compile(r"[+-]?[0-9]{1,18}")
+
+
 def _param_int(param: pb.InferParameter, where: str) -> int:
     kind = param.WhichOneof("parameter_choice")
     if kind in ("int64_param", "uint64_param"):
         return int(getattr(param, kind))
-    if kind == "string_param" and param.string_param.strip().lstrip("-").isdigit():
-        return int(param.string_param)
+    if kind == "string_param":
+        text = param.string_param.strip()
+        if _INT_TEXT.fullmatch(text):
+            return int(text)
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise InvalidInputError(
+            f"{where}: expected an integer class count (ASCII digits, at most 18), got string {shown!r}"
+        )
     raise InvalidInputError(f"{where}: expected an integer class count, got {kind or 'an empty parameter'}")
 
 

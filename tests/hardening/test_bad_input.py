@@ -159,6 +159,19 @@ def v2_classification(k: int) -> v2pb.ModelInferRequest:
     return request
 
 
+def v2_classification_text(text: str, request_level: bool = False) -> v2pb.ModelInferRequest:
+    request = v2_raw(np.zeros((1, 1, 8, 8), np.float32).tobytes(), [1, 1, 8, 8])
+    params = request.parameters if request_level else request.outputs.add(name="logits").parameters
+    params["classification"].string_param = text
+    return request
+
+
+def v2_contents_and_raw() -> v2pb.ModelInferRequest:
+    request = v2_raw(np.zeros((1, 1, 8, 8), np.float32).tobytes(), [1, 1, 8, 8])
+    request.inputs[0].contents.fp32_contents.extend([1.0] * 64)
+    return request
+
+
 def f32(values: Any, shape: tuple[int, ...] = (1, 1, 8, 8)) -> bytes:
     return np.full(shape, values, dtype=np.float32).tobytes() if np.isscalar(values) else values.tobytes()
 
@@ -403,6 +416,27 @@ BAD: list[Bad] = [
         SC.INVALID_ARGUMENT,
         ("top_k", "expected 1..4", "got 5"),
         ("classification", "expected 1..4", "got 5"),
+    ),
+    Bad(
+        "classification as a superscript digit",
+        None,
+        lambda: v2_classification_text("\u00b2"),
+        SC.INVALID_ARGUMENT,
+        ("classification", "expected an integer class count", "\u00b2"),
+    ),
+    Bad(
+        "classification as a 5000-digit number",
+        None,
+        lambda: v2_classification_text("7" * 5000, request_level=True),
+        SC.INVALID_ARGUMENT,
+        ("parameters['classification']", "at most 18", "777..."),
+    ),
+    Bad(
+        "contents and raw_input_contents for one input",
+        None,
+        v2_contents_and_raw,
+        SC.INVALID_ARGUMENT,
+        ("contents", "raw_input_contents", "got both"),
     ),
     Bad(
         "empty request",

@@ -110,3 +110,60 @@ def test_request_id_is_taken_from_metadata_when_sane_else_generated() -> None:
     for bad in ("", "has space", "new\nline", "x" * 129, "ünïcode"):
         rid = ls.request_id_from_metadata([("x-request-id", bad)])
         assert rid != bad and len(rid) == 32
+
+
+def test_request_ids_in_bodies_are_echoed_only_when_sane() -> None:
+    assert ls.echo_request_id("trace-42", "generated") == "trace-42"
+    assert ls.echo_request_id("", "generated") == ""
+    for bad in ("r" * 8_000_000, "has space", "new\nline", "ünïcode"):
+        assert ls.echo_request_id(bad, "generated") == "generated"
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_lines_are_bounded_whatever_the_request_carried(stream: io.StringIO, fmt: str) -> None:
+    ls.configure_logging("INFO", fmt, stream=stream)
+    huge = "x" * 4_000_000
+    wide = "\u00fc" * 1_000_000  # 2 bytes in UTF-8, 6 characters as a JSON escape in the text format
+    try:
+        raise RuntimeError(huge)
+    except RuntimeError as exc:
+        ls.log_failed_request(
+            request_id="r1", method="/m", code="INTERNAL", message=huge, model=wide, reason="internal",
+            exc_info=exc,
+        )  # fmt: skip
+    ls.log_failed_request(request_id="r2", method="/m", code="INVALID_ARGUMENT", message=wide, model=huge)
+    logging.getLogger("convserve.server").warning("model %s: %s", huge, wide, extra={"fields": {"k": huge}})
+    out = lines(stream)
+    assert len(out) >= 3
+    for line in out:
+        assert len(line.encode()) <= ls.LINE_LIMIT, len(line.encode())
+    if fmt == "json":
+        records = [json.loads(line) for line in stream.getvalue().splitlines()]
+        assert records[0]["error"].startswith("xxx") and "bytes in all" in records[0]["error"]
+        assert "RuntimeError" in records[0]["exc"]
+        assert records[1]["code"] == "INVALID_ARGUMENT"
+    else:
+        assert "Traceback" in stream.getvalue()
+
+
+def test_failure_lines_are_rate_limited_per_reason_with_a_count(stream: io.StringIO) -> None:
+    now = [0.0]
+    limiter = ls.FailureLogLimiter(rate=1.0, burst=3, clock=lambda: now[0])
+    assert [limiter.admit("a") for _ in range(5)] == [(True, 0)] * 3 + [(False, 0)] * 2
+    assert limiter.admit("b") == (True, 0)  # another reason has its own budget
+    now[0] += 1.0
+    assert limiter.admit("a") == (True, 2)  # the two dropped lines are reported on the next one
+    assert limiter.admit("a") == (False, 0)
+    assert limiter.drain() == {"a": 1} and limiter.drain() == {}
+
+    ls.configure_logging("INFO", "json", stream=stream)
+    sent = 200
+    for i in range(sent):
+        ls.log_failed_request(request_id=f"r{i}", method="/m", code="INVALID_ARGUMENT", message="bad",
+                              reason="invalid_input")  # fmt: skip
+    ls.flush_suppressed()
+    records = [json.loads(line) for line in lines(stream)]
+    written = [r for r in records if r["event"] == "request_failed"]
+    assert len(written) < 20
+    # Every failure is accounted for: written, or counted in a suppressed= field.
+    assert len(written) + sum(r.get("suppressed", 0) for r in records) == sent
