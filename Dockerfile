@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # convserve images. Targets (docker build --target NAME .):
 #   cpu    (default, last stage) the serving image: convserve[server] on ONNX Runtime CPU, no torch
 #   gpu    the serving image on the CUDA runtime with the `gpu` extra (onnxruntime-gpu), cuda provider first
@@ -7,6 +6,10 @@
 # reaches the server itself and the drain (CONVSERVE_DRAIN_GRACE_SECONDS) runs.
 
 # Base images pinned by version; bump them together with a rebuild and the compose/k8s tests.
+# Without a registry (air-gapped, CI here), build the Python base from Debian's packages and pass it in:
+#   scripts/debian_image.sh convserve-base/python:3.11-bookworm python3 python3-venv python-is-python3
+#   docker build --network host --build-arg PYTHON_IMAGE=convserve-base/python:3.11-bookworm .
+# (No `# syntax=` line: it makes BuildKit fetch a frontend image, which fails offline.)
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 # CPU wheels of torch: PyPI's default Linux wheel bundles CUDA (several GB) that the train job never uses.
@@ -18,8 +21,11 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY protos ./protos
+COPY cli ./cli
+COPY common ./common
+COPY testing ./testing
 COPY client ./client
 COPY server ./server
 COPY models ./models
@@ -39,18 +45,17 @@ RUN apt-get update \
 WORKDIR /src
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY protos ./protos
+COPY cli ./cli
+COPY common ./common
+COPY testing ./testing
 COPY client ./client
 COPY server ./server
 COPY models ./models
-# `server` brings onnxruntime (CPU) and `gpu` brings onnxruntime-gpu; both write the same `onnxruntime`
-# package directory, so after installing both, the CPU wheel is removed and the GPU wheel reinstalled
-# over a clean directory: ONNX Runtime supports only one of the two installed at a time.
-RUN pip install --no-cache-dir "/src[server,gpu]" \
-    && ort_gpu="$(pip show onnxruntime-gpu | sed -n 's/^Version: //p')" \
-    && pip uninstall -y onnxruntime onnxruntime-gpu \
-    && pip install --no-cache-dir --no-deps "onnxruntime-gpu==${ort_gpu}"
+# `server-gpu` is `server` with onnxruntime-gpu in place of the CPU onnxruntime (never both: they
+# write the same package directory).
+RUN pip install --no-cache-dir "/src[server-gpu]"
 
 # ---- gpu: the serving image on CUDA ----
 FROM ${CUDA_IMAGE} AS gpu
@@ -77,8 +82,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     CONVSERVE_EXECUTION_PROVIDERS=cuda,cpu
 USER 10001:10001
 EXPOSE 8001 8002
+# The port comes from the container's own CONVSERVE_GRPC_PORT, so `-e CONVSERVE_GRPC_PORT=...` stays healthy.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["convserve", "health", "--server", "127.0.0.1:8001", "--timeout", "3"]
+    CMD ["sh", "-c", "exec convserve health --server \"127.0.0.1:${CONVSERVE_GRPC_PORT}\" --timeout 3"]
 ENTRYPOINT ["convserve", "serve"]
 
 # ---- train: a one-off job that trains and exports into the mounted /models ----
@@ -86,8 +92,11 @@ FROM ${PYTHON_IMAGE} AS train
 ARG TORCH_INDEX_URL
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY protos ./protos
+COPY cli ./cli
+COPY common ./common
+COPY testing ./testing
 COPY client ./client
 COPY server ./server
 COPY models ./models
@@ -121,6 +130,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 EXPOSE 8001 8002
 # `convserve health` exits 0 only when the standard gRPC health service answers SERVING.
+# The port comes from the container's own CONVSERVE_GRPC_PORT, so `-e CONVSERVE_GRPC_PORT=...` stays healthy.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["convserve", "health", "--server", "127.0.0.1:8001", "--timeout", "3"]
+    CMD ["sh", "-c", "exec convserve health --server \"127.0.0.1:${CONVSERVE_GRPC_PORT}\" --timeout 3"]
 ENTRYPOINT ["convserve", "serve"]

@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # Re-install when the dependency list changes.
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: serve test venv system-deps protos lint bench train stack clean
+.PHONY: serve test test-deploy venv system-deps protos lint bench train stack clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ test: venv system-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 	$(BIN)/python scripts/check_dependency_floor.py
+	$(MAKE) test-deploy
+
+# The cpu image and the compose stack built and run for real (tests/deploy/live): starts a private Docker
+# engine when none runs, builds base images from Debian packages when no registry answers, cleans up
+# everything it made. Needs root. See scripts/test_deploy.sh.
+test-deploy: venv
+	bash scripts/test_deploy.sh
 
 protos: venv
 	$(BIN)/python scripts/gen_protos.py

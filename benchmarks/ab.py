@@ -77,14 +77,14 @@ def main(argv: list[str] | None = None) -> int:
                    for name, extra in variants}
         if not a.no_baseline:
             targets["baseline"] = stack.enter_context(
-                baseline_server(models.model_file(repository, models.LENET), work))
+                baseline_server("plain", models.model_file(repository, models.LENET), work))
         for rnd in range(a.rounds):
             for c in conc:
                 order = list(targets) if rnd % 2 == 0 else list(reversed(targets))
                 for name in order:
-                    api = "classify" if name == "baseline" else a.api
+                    api = "classify" if name == "baseline" and a.api == "stream" else a.api
                     case = Case(name, models.LENET, api, 1, c)
-                    sm = drive(targets[name], case, shape, a.warmup, a.duration, 1, work).summary()
+                    sm = drive(targets[name], case, shape, a.warmup, a.duration, 1, work)[0].summary()
                     results.setdefault((name, c), []).append((sm["images_per_s"], sm["p50_ms"], sm["p99_ms"]))
                     print(f"round {rnd + 1} C={c:<3} {name:<12} {sm['images_per_s']:8.0f} img/s "
                           f"p50 {sm['p50_ms']:.2f} p99 {sm['p99_ms']:.2f} ms  load {os.getloadavg()[0]:.1f}",

@@ -1,10 +1,12 @@
-"""The baseline: a plain grpc.aio server making one ONNX Runtime call per request, no batching.
+"""The baselines convserve is measured against, both speaking convserve.v1 Classify and v2 ModelInfer:
 
-It speaks the same ``convserve.v1.Classifier/Classify`` (raw float32 tensors only) so the same load
-generator drives both servers side by side. It is what one writes first: decode the tensor, hand the
-ONNX Runtime call to the default thread pool (never on the event loop), softmax, top-k, reply.
+- ``--mode plain``: a plain grpc.aio server doing one ``session.run`` per request in the loop's default
+  executor, and nothing else: no validation beyond reshaping, no metrics, no batching. It is what one
+  writes first, and what convserve must beat.
+- ``--mode empty``: an empty servicer answering every request with a canned reply of the right size; no
+  model at all. It is the ceiling grpc.aio itself puts on a Python server on this machine.
 
-``python -m benchmarks.baseline_server --model PATH/model.onnx --port-file FILE``
+``python -m benchmarks.baseline_server --mode plain --model PATH/model.onnx --port-file FILE``
 """
 
 from __future__ import annotations
@@ -18,46 +20,95 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc as pb_grpc
+from convserve.protos.inference import grpc_service_pb2 as vpb
+from convserve.protos.inference import grpc_service_pb2_grpc as vpb_grpc
+
+_MAX = 256 * 1024 * 1024
+Ctx = grpc.aio.ServicerContext
+
+
+def _classify_reply(request: pb.ClassifyRequest, probs: np.ndarray) -> pb.ClassifyResponse:
+    k = max(1, request.top_k)
+    top = np.argsort(-probs, axis=1)[:, :k]
+    return pb.ClassifyResponse(
+        model=request.model, version=1,
+        results=[pb.Classification(predictions=[pb.Prediction(index=int(i), label=str(int(i)),
+                                                              probability=float(row[i])) for i in idx])
+                 for row, idx in zip(probs, top, strict=True)])  # fmt: skip
 
 
 class PlainClassifier(pb_grpc.ClassifierServicer):
     """Classify with one ``session.run`` per request, in the loop's default executor."""
 
-    def __init__(self, session: ort.InferenceSession) -> None:
+    def __init__(self, session) -> None:
         self.session = session
         self.input = session.get_inputs()[0].name
         self.shape = tuple(session.get_inputs()[0].shape[1:])
 
-    async def Classify(self, request: pb.ClassifyRequest,
-                       context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        arrays = []
-        for image in request.images:
-            t = image.tensor
-            if t.dtype != pb.DATA_TYPE_FLOAT32 or tuple(t.shape[-3:]) != self.shape:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"expected a float32 tensor [N, {self.shape}], got {list(t.shape)}")
-            arrays.append(np.frombuffer(t.data, dtype=np.float32).reshape(-1, *self.shape))
-        x = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+    async def Classify(self, request: pb.ClassifyRequest, ctx: Ctx) -> pb.ClassifyResponse:
+        t = request.images[0].tensor
+        x = np.frombuffer(t.data, dtype=np.float32).reshape(-1, *self.shape)
         loop = asyncio.get_running_loop()
         logits = (await loop.run_in_executor(None, self.session.run, None, {self.input: x}))[0]
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs = e / e.sum(axis=1, keepdims=True)
-        k = max(1, request.top_k)
-        top = np.argsort(-probs, axis=1)[:, :k]
-        results = [pb.Classification(predictions=[pb.Prediction(index=int(i), label=str(int(i)),
-                                                                probability=float(row[i])) for i in idx])
-                   for row, idx in zip(probs, top, strict=True)]
-        return pb.ClassifyResponse(model=request.model, version=1, results=results)
+        return _classify_reply(request, e / e.sum(axis=1, keepdims=True))
 
 
-async def serve(model: Path, port_file: Path, host: str, port: int) -> None:
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 * 1024 * 1024),
-                                      ("grpc.max_send_message_length", 256 * 1024 * 1024)])
-    pb_grpc.add_ClassifierServicer_to_server(PlainClassifier(session), server)
+class PlainInference(vpb_grpc.GRPCInferenceServiceServicer):
+    """ModelInfer with one ``session.run`` per request; the raw FP32 output goes back as it is."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self.input = session.get_inputs()[0].name
+        self.shape = tuple(session.get_inputs()[0].shape[1:])
+        self.output = session.get_outputs()[0].name
+
+    async def ModelInfer(self, request: vpb.ModelInferRequest, ctx: Ctx) -> vpb.ModelInferResponse:
+        x = np.frombuffer(request.raw_input_contents[0], dtype=np.float32).reshape(-1, *self.shape)
+        loop = asyncio.get_running_loop()
+        out = (await loop.run_in_executor(None, self.session.run, None, {self.input: x}))[0]
+        reply = vpb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
+        reply.outputs.add(name=self.output, datatype="FP32", shape=list(out.shape))
+        reply.raw_output_contents.append(out.tobytes())
+        return reply
+
+
+class EmptyClassifier(pb_grpc.ClassifierServicer):
+    """A canned one-prediction reply per image; no model."""
+
+    async def Classify(self, request: pb.ClassifyRequest, ctx: Ctx) -> pb.ClassifyResponse:
+        n = max(1, request.images[0].tensor.shape[0]) if request.images else 1
+        return pb.ClassifyResponse(
+            model=request.model, version=1,
+            results=[pb.Classification(predictions=[pb.Prediction(index=0, label="0", probability=1.0)])] * n,
+        )  # fmt: skip
+
+
+class EmptyInference(vpb_grpc.GRPCInferenceServiceServicer):
+    """A canned zero output of the request's row count (10 classes); no model."""
+
+    async def ModelInfer(self, request: vpb.ModelInferRequest, ctx: Ctx) -> vpb.ModelInferResponse:
+        n = int(request.inputs[0].shape[0]) if request.inputs else 1
+        reply = vpb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
+        reply.outputs.add(name="logits", datatype="FP32", shape=[n, 10])
+        reply.raw_output_contents.append(bytes(40 * n))
+        return reply
+
+
+async def serve(mode: str, model: Path | None, port_file: Path, host: str, port: int) -> None:
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", _MAX),
+                                      ("grpc.max_send_message_length", _MAX)])  # fmt: skip
+    if mode == "plain":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        pb_grpc.add_ClassifierServicer_to_server(PlainClassifier(session), server)
+        vpb_grpc.add_GRPCInferenceServiceServicer_to_server(PlainInference(session), server)
+    else:
+        pb_grpc.add_ClassifierServicer_to_server(EmptyClassifier(), server)
+        vpb_grpc.add_GRPCInferenceServiceServicer_to_server(EmptyInference(), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     port_file.write_text(json.dumps({"grpc_port": bound}))
@@ -66,13 +117,16 @@ async def serve(model: Path, port_file: Path, host: str, port: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, required=True, help="model.onnx to serve")
+    p.add_argument("--mode", choices=("plain", "empty"), default="plain")
+    p.add_argument("--model", type=Path, help="model.onnx to serve (plain mode)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--port-file", type=Path, required=True)
     a = p.parse_args(argv)
+    if a.mode == "plain" and a.model is None:
+        p.error("--mode plain needs --model")
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(a.model, a.port_file, a.host, a.port))
+        asyncio.run(serve(a.mode, a.model, a.port_file, a.host, a.port))
     return 0
 
 

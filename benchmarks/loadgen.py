@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import sys
 import time
@@ -28,7 +29,6 @@ from convserve.protos.inference import grpc_service_pb2 as vpb
 APIS = ("classify", "v2", "stream")
 _CLASSIFIER = cpb.DESCRIPTOR.services_by_name["Classifier"].full_name
 _V2 = vpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-_REQUEST_ID_TAG = b"\x2a"  # ClassifyRequest.request_id: field 5, wire type 2 (length-delimited)
 _MAX_MESSAGE = 256 * 1024 * 1024
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
@@ -107,12 +107,6 @@ def check_reply(load: Load, reply: bytes) -> None:
         raise RuntimeError(f"{load.api}: expected results for {load.batch} images, got {n}")
 
 
-def _with_request_id(base: bytes, i: int) -> bytes:
-    """Append ``request_id = str(i)`` to a serialized ClassifyRequest (protobuf fields concatenate)."""
-    rid = str(i).encode()
-    return base + _REQUEST_ID_TAG + bytes([len(rid)]) + rid
-
-
 async def _unary(load: Load, channel: grpc.aio.Channel, start: float, t_measure: float, t_end: float,
                  result: Result) -> None:
     method = f"/{_CLASSIFIER}/Classify" if load.api == "classify" else f"/{_V2}/ModelInfer"
@@ -142,38 +136,68 @@ async def _unary(load: Load, channel: grpc.aio.Channel, start: float, t_measure:
     await asyncio.gather(*(worker() for _ in range(load.concurrency)))
 
 
+def _stream_error(reply: bytes) -> int:
+    """The error_code of a serialized ClassifyStreamResponse without parsing it (0 when absent).
+
+    Fields are written in number order, so the reply is [1: response][2: error_code]...; skipping the
+    length-delimited field 1 leaves error_code's tag (0x10) first when there is one.
+    """
+    pos = 0
+    if reply[:1] == b"\x0a":  # field 1, length-delimited: skip it
+        pos, size, shift = 1, 0, 0
+        while True:
+            b = reply[pos]
+            pos += 1
+            size |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                break
+        pos += size
+    if reply[pos : pos + 1] != b"\x10":
+        return 0
+    code, shift = 0, 0
+    pos += 1
+    while True:
+        b = reply[pos]
+        pos += 1
+        code |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            return code
+
+
 async def _stream(load: Load, channel: grpc.aio.Channel, start: float, t_measure: float, t_end: float,
                   result: Result) -> None:
-    """One bidirectional stream with ``concurrency`` messages in flight, matched by request_id."""
-    base = payload(load)
+    """One bidirectional stream with ``concurrency`` messages in flight. The server answers in request
+    order, so replies are matched to send times first in, first out, and only scanned for an error code
+    (the unary mode does not parse replies either); the first reply is parsed and checked in full."""
+    body = payload(load)
     call = channel.stream_stream(f"/{_CLASSIFIER}/ClassifyStream")
     clock = time.perf_counter
-    sent: dict[str, float] = {}
+    sent: collections.deque[float] = collections.deque()
     window = asyncio.Semaphore(load.concurrency)
     done_sending = asyncio.Event()
     while clock() < start:
         await asyncio.sleep(min(0.05, start - clock()))
 
     async def requests():
-        i = 0
         while clock() < t_end:
             await window.acquire()
             if clock() >= t_end:
                 break
-            sent[str(i)] = clock()
-            yield _with_request_id(base, i)
-            i += 1
+            sent.append(clock())
+            yield body
         done_sending.set()
 
     stream = call(requests(), timeout=load.warmup + load.duration + 60)
     checked = False
     async for reply in stream:
-        msg = cpb.ClassifyStreamResponse.FromString(reply)
         t1 = clock()
-        t0 = sent.pop(msg.request_id, None)
+        t0 = sent.popleft() if sent else None
         window.release()
-        if msg.error_code:
-            key = _CODE_NAMES.get(msg.error_code, str(msg.error_code))
+        code = _stream_error(reply)
+        if code:
+            key = _CODE_NAMES.get(code, str(code))
             result.errors[key] = result.errors.get(key, 0) + 1
             continue
         if not checked:

@@ -58,7 +58,7 @@ def run(
     """Start a server, send the messages, watch RSS; return the figures (MB) and the status codes seen."""
     from convserve.protos.convserve.v1 import classifier_pb2_grpc
     from convserve.protos.inference import grpc_service_pb2_grpc
-    from convserve.server.app import child_env, loopback_command
+    from convserve.testing import child_env, loopback_command
 
     secret = "memory-benchmark-token"
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,9 +1,12 @@
 """One command for the whole benchmark: ``python -m benchmarks.run [--quick]`` (``make bench``).
 
-It prepares the models, measures the in-process ceiling, starts convserve (metrics on, then off) and the
-plain baseline server as subprocesses, drives each with the closed-loop load generator in separate
-processes, and writes ``bench_results/bench.json``, ``bench_results/bench.png`` and a Markdown table
-(``bench_results/bench.md``) that it also prints, with the issue's targets checked at the end.
+In one run, with every server up for the whole run and rounds interleaved (medians reported), it measures:
+(a) an empty grpc.aio servicer (canned replies), (b) a plain server (one ``session.run`` per request and
+nothing else), (c) in-process ONNX Runtime, and (d) convserve (metrics on; off; and on asyncio's loop instead
+of uvloop) — img/s, latency percentiles and the server's CPU µs per request (from /proc, over the measured
+window) — plus a head-of-line check (three clients sending 16-megapixel PNGs against a small request and a
+health Check). It writes ``bench_results/bench.json``, ``bench.png`` and ``bench.md`` (also printed), with
+the issue's targets checked at the end.
 """
 
 from __future__ import annotations
@@ -25,26 +28,33 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from convserve.server.app import loopback_command
 from convserve.server.model_config import load_config
+from convserve.testing import loopback_command
 
 from . import models
 from .loadgen import Result, merge
 
 log = logging.getLogger("benchmarks")
 
-CONCURRENCY = (1, 8, 32, 128)
+CONCURRENCY = (1, 8, 32)
+SERVERS = ("empty", "plain", "convserve", "convserve-nometrics", "convserve-asyncio", "convserve-noinline")
 
 
 @dataclass(frozen=True)
 class Case:
     """One row: which server, model, API, request size and concurrency."""
 
-    server: str  # convserve | convserve-nometrics | baseline
+    server: str  # one of SERVERS
     model: str
     api: str  # classify | v2 | stream
     batch: int
     concurrency: int
+
+
+@dataclass(frozen=True)
+class Server:
+    target: str  # host:port
+    pid: int
 
 
 @dataclass
@@ -59,8 +69,8 @@ class Row:
 def _median_summary(rounds: list[dict]) -> dict:
     """Per-key median over rounds; errors summed."""
     out: dict = {}
-    for key in ("images_per_s", "requests_per_s", "p50_ms", "p90_ms", "p99_ms"):
-        out[key] = float(np.median([r[key] for r in rounds]))
+    for key in ("images_per_s", "requests_per_s", "p50_ms", "p90_ms", "p99_ms", "cpu_us_per_request"):
+        out[key] = float(np.median([r.get(key, float("nan")) for r in rounds]))
     for key in ("requests", "images"):
         out[key] = int(sum(r[key] for r in rounds))
     errors: dict[str, int] = {}
@@ -76,8 +86,8 @@ def _median_summary(rounds: list[dict]) -> dict:
 
 
 @contextlib.contextmanager
-def _process(cmd: list[str], port_file: Path, log_path: Path, timeout: float = 180.0) -> Iterator[str]:
-    """Start a server subprocess, wait for its port file and gRPC readiness; yield host:port; stop it."""
+def _process(cmd: list[str], port_file: Path, log_path: Path, timeout: float = 180.0) -> Iterator[Server]:
+    """Start a server subprocess, wait for its port file and gRPC readiness; yield it; stop it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=models.REPO_ROOT)
@@ -92,7 +102,7 @@ def _process(cmd: list[str], port_file: Path, log_path: Path, timeout: float = 1
             port = json.loads(port_file.read_text())["grpc_port"]
             target = f"127.0.0.1:{port}"
             _wait_serving(target, deadline)
-            yield target
+            yield Server(target, proc.pid)
         finally:
             proc.terminate()
             try:
@@ -122,18 +132,41 @@ def _wait_serving(target: str, deadline: float) -> None:
     raise TimeoutError(f"{target} never reported SERVING")
 
 
-def convserve_server(repository: Path, work: Path, metrics: bool) -> contextlib.AbstractContextManager[str]:
-    port_file = work / f"convserve-{'m' if metrics else 'nm'}-{time.monotonic_ns()}.json"
-    cmd = loopback_command(port_file, "--model-repository", str(repository), "--log-level", "WARNING",
-                           metrics_port=0 if metrics else -1)
+ServerContext = contextlib.AbstractContextManager[Server]
+
+
+def convserve_server(repository: Path, work: Path, variant: str) -> ServerContext:
+    port_file = work / f"{variant}-{time.monotonic_ns()}.json"
+    flags = ["--model-repository", str(repository), "--log-level", "WARNING"]
+    if variant == "convserve-asyncio":
+        flags += ["--event-loop", "asyncio"]
+    if variant == "convserve-noinline":
+        flags += ["--inline-inference-us", "0"]
+    cmd = loopback_command(port_file, *flags, metrics_port=-1 if variant == "convserve-nometrics" else 0)
     return _process(cmd, port_file, work / "servers.log")
 
 
-def baseline_server(model_path: Path, work: Path) -> contextlib.AbstractContextManager[str]:
-    port_file = work / f"baseline-{time.monotonic_ns()}.json"
-    cmd = [sys.executable, "-m", "benchmarks.baseline_server", "--model", str(model_path),
-           "--port-file", str(port_file)]
+def baseline_server(mode: str, model_path: Path | None, work: Path) -> ServerContext:
+    port_file = work / f"{mode}-{time.monotonic_ns()}.json"
+    cmd = [sys.executable, "-m", "benchmarks.baseline_server", "--mode", mode, "--port-file", str(port_file)]
+    if model_path is not None:
+        cmd += ["--model", str(model_path)]
     return _process(cmd, port_file, work / "servers.log")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process (all its threads) has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stall(server: Server, model: str, shape: tuple[int, ...], duration: float, work: Path) -> dict:
+    """Three 16-megapixel senders against a small request and a health Check (benchmarks/stall.py)."""
+    out = work / f"stall-{time.monotonic_ns()}.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.stall", "--target", server.target, "--model", model,
+                    "--shape", ",".join(map(str, shape)), "--duration", str(duration), "--out", str(out)],
+                   check=True, cwd=models.REPO_ROOT, timeout=duration + 120)
+    return json.loads(out.read_text())
 
 
 def ceiling(model_dir: Path, batches: list[int], duration: float, work: Path) -> dict[int, float]:
@@ -144,9 +177,11 @@ def ceiling(model_dir: Path, batches: list[int], duration: float, work: Path) ->
     return {int(k): v for k, v in json.loads(out.read_text()).items()}
 
 
-def drive(target: str, case: Case, shape: tuple[int, ...], warmup: float, duration: float, procs: int,
-          work: Path) -> Result:
-    """Run the load generator in ``procs`` processes sharing the concurrency, all on one time window."""
+def drive(server: Server, case: Case, shape: tuple[int, ...], warmup: float, duration: float, procs: int,
+          work: Path) -> tuple[Result, float]:
+    """Run the load generator in ``procs`` processes sharing the concurrency, all on one time window;
+    return the merged result and the server's CPU seconds inside the measured window."""
+    target = server.target
     procs = max(1, min(procs, case.concurrency))
     shares = [case.concurrency // procs + (1 if i < case.concurrency % procs else 0) for i in range(procs)]
     start_at = time.time() + 1.5 + 0.3 * procs  # room for every process to import grpc and connect
@@ -158,6 +193,11 @@ def drive(target: str, case: Case, shape: tuple[int, ...], warmup: float, durati
                "--concurrency", str(share), "--warmup", str(warmup), "--duration", str(duration),
                "--start-at", str(start_at), "--out", str(out)]
         runs.append((subprocess.Popen(cmd, cwd=models.REPO_ROOT), out))
+    # The server's CPU over exactly the measured window (the load generators' clocks share start_at).
+    time.sleep(max(0.0, start_at + warmup - time.time()))
+    cpu0 = cpu_seconds(server.pid)
+    time.sleep(max(0.0, start_at + warmup + duration - time.time()))
+    cpu = cpu_seconds(server.pid) - cpu0
     results = []
     for proc, out in runs:
         try:
@@ -168,28 +208,30 @@ def drive(target: str, case: Case, shape: tuple[int, ...], warmup: float, durati
         if rc != 0:
             raise RuntimeError(f"load generator failed with exit code {rc} on {case}")
         results.append(Result(**json.loads(out.read_text())))
-    return merge(results)
+    return merge(results), cpu
 
 
 # ---------------------------------------------------------------- plan
 
 
 def plan(quick: bool, lenet: str, resnet: str | None, concurrency: tuple[int, ...]) -> list[Case]:
+    """The issue's target cases, each beside the baselines it is judged against."""
     cases: list[Case] = []
     for c in concurrency:
-        cases += [Case("convserve", lenet, "classify", 1, c), Case("convserve", lenet, "v2", 1, c),
-                  Case("baseline", lenet, "classify", 1, c)]
+        for api in ("classify", "v2"):
+            cases += [Case(srv, lenet, api, 1, c) for srv in ("empty", "plain", "convserve")]
         if c > 1:
             cases.append(Case("convserve", lenet, "stream", 1, c))
+    for c in (1, 32):  # each design choice measured against the same server without it
+        cases += [Case(srv, lenet, "classify", 1, c)
+                  for srv in ("convserve-nometrics", "convserve-asyncio", "convserve-noinline")]
     # batch-64 requests: at most 8 in flight keeps them inside the default 1024-image queue bound
     for c in (1, 4) if quick else (1, 4, 8):
-        cases += [Case("convserve", lenet, "classify", 64, c), Case("convserve", lenet, "v2", 64, c)]
-    for c in (1, 32):
-        cases.append(Case("convserve-nometrics", lenet, "classify", 1, c))
+        for api in ("classify", "v2"):
+            cases += [Case("plain", lenet, api, 64, c), Case("convserve", lenet, api, 64, c)]
     if resnet is not None:
         for c in (1, 8):
-            cases += [Case("convserve", resnet, "classify", 1, c), Case("baseline", resnet, "classify", 1, c)]
-        cases.append(Case("convserve", resnet, "v2", 1, 8))
+            cases += [Case("convserve", resnet, "classify", 1, c), Case("plain", resnet, "classify", 1, c)]
     return cases
 
 
@@ -197,9 +239,9 @@ def plan(quick: bool, lenet: str, resnet: str | None, concurrency: tuple[int, ..
 
 
 def table(rows: list[Row]) -> str:
-    head = ("| model | server | api | img/req | C | img/s | p50 ms | p90 ms | p99 ms | errors "
-            "| in-process img/s (same batch) | served/ceiling | load avg |")
-    lines = [head, "|" + "---|" * 13]
+    head = ("| model | server | api | img/req | C | img/s | p50 ms | p90 ms | p99 ms | server CPU µs/req "
+            "| errors | in-process img/s (same batch) | served/in-process | load avg |")
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         c, s = r.case, r.summary
         errs = sum(s["errors"].values())
@@ -207,7 +249,8 @@ def table(rows: list[Row]) -> str:
         ratio = f"{s['images_per_s'] / r.ceiling:.0%}" if r.ceiling else "–"
         lines.append(f"| {c.model} | {c.server} | {c.api} | {c.batch} | {c.concurrency} | "
                      f"{s['images_per_s']:,.0f} | {s['p50_ms']:.2f} | {s['p90_ms']:.2f} | "
-                     f"{s['p99_ms']:.2f} | {errs} | {ceil} | {ratio} | {r.loadavg:.1f} |")
+                     f"{s['p99_ms']:.2f} | {s['cpu_us_per_request']:,.0f} | {errs} | {ceil} | {ratio} | "
+                     f"{r.loadavg:.1f} |")
     return "\n".join(lines)
 
 
@@ -218,36 +261,61 @@ def _find(rows: list[Row], **match) -> Row | None:
     return None
 
 
-def targets(rows: list[Row], lenet: str, resnet: str | None,
-            ceilings: dict[str, dict[int, float]]) -> list[dict]:
-    """The issue's five targets, each with the measured figure and pass/fail (None: not measured)."""
+def targets(rows: list[Row], lenet: str, resnet: str | None, ceilings: dict[str, dict[int, float]],
+            stalls: list[dict]) -> list[dict]:
+    """The issue's targets, each with the measured figure and met / missed (None: not measured)."""
     out = []
 
     def add(name: str, value: float | None, goal: str, met: Callable[[float], bool]) -> None:
         out.append({"target": name, "measured": value, "goal": goal,
                     "met": None if value is None else bool(met(value))})
 
-    def ips(server: str, model: str | None, c: int) -> float | None:
-        r = _find(rows, server=server, model=model, api="classify", batch=1, concurrency=c)
-        return r.summary["images_per_s"] if r and r.summary["images_per_s"] else None
+    def get(server: str, model: str | None, api: str, c: int, key: str, batch: int = 1) -> float | None:
+        r = _find(rows, server=server, model=model, api=api, batch=batch, concurrency=c)
+        v = r.summary[key] if r else None
+        return v if v and v == v else None  # drop 0 and NaN
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a and b else None
 
-    add("ResNet-18 single-image C=8 vs in-process batch 1",
-        ratio(ips("convserve", resnet, 8), ceilings.get(resnet or "", {}).get(1)), ">= 0.95",
-        lambda v: v >= 0.95)
-    add("LeNet unary C=32 vs plain baseline server",
-        ratio(ips("convserve", lenet, 32), ips("baseline", lenet, 32)), ">= 2.0x", lambda v: v >= 2.0)
-    best = max((r.summary["images_per_s"] for r in rows if r.case.server == "convserve"
-                and r.case.model == lenet and (r.case.batch == 64 or r.case.api == "stream")), default=None)
-    add("LeNet batch-64 requests or stream vs in-process batch 64",
-        ratio(best, ceilings.get(lenet, {}).get(64)), ">= 0.40", lambda v: v >= 0.4)
-    r = _find(rows, server="convserve", model=lenet, api="classify", batch=1, concurrency=1)
-    add("LeNet C=1 p50 latency (ms)", r.summary["p50_ms"] if r else None, "<= 0.6 ms", lambda v: v <= 0.6)
-    on_off = ratio(ips("convserve", lenet, 32), ips("convserve-nometrics", lenet, 32))
-    add("metrics on vs off, LeNet unary C=32 (throughput loss)", None if on_off is None else 1 - on_off,
-        "< 5%", lambda v: v < 0.05)
+    for api in ("classify", "v2"):
+        for c in (1, 8, 32):
+            add(f"LeNet {api} C={c}: img/s vs plain (x)",
+                ratio(get("convserve", lenet, api, c, "images_per_s"),
+                      get("plain", lenet, api, c, "images_per_s")), ">= 1.2", lambda v: v >= 1.2)
+            add(f"LeNet {api} C={c}: server CPU/request vs plain (x)",
+                ratio(get("convserve", lenet, api, c, "cpu_us_per_request"),
+                      get("plain", lenet, api, c, "cpu_us_per_request")), "<= 0.8", lambda v: v <= 0.8)
+        add(f"LeNet {api} C=32: req/s vs empty servicer (x)",
+            ratio(get("convserve", lenet, api, 32, "requests_per_s"),
+                  get("empty", lenet, api, 32, "requests_per_s")), ">= 0.65 (aim 0.85)", lambda v: v >= 0.65)
+        add(f"LeNet {api} C=1: p50 vs plain (x)",
+            ratio(get("convserve", lenet, api, 1, "p50_ms"), get("plain", lenet, api, 1, "p50_ms")),
+            "<= 1.0", lambda v: v <= 1.0)
+        for c in (1, 4, 8):
+            add(f"LeNet {api} batch-64 C={c}: img/s vs plain (x)",
+                ratio(get("convserve", lenet, api, c, "images_per_s", 64),
+                      get("plain", lenet, api, c, "images_per_s", 64)), ">= 1.0", lambda v: v >= 1.0)
+    for c in (1, 8):
+        served = get("convserve", resnet, "classify", c, "images_per_s")
+        plain = get("plain", resnet, "classify", c, "images_per_s")
+        add(f"ResNet-18 C={c}: img/s vs plain (x)", ratio(served, plain), ">= 1.0", lambda v: v >= 1.0)
+        add(f"ResNet-18 C={c}: img/s vs in-process batch 1 (x)",
+            ratio(served, ceilings.get(resnet or "", {}).get(1)), ">= 0.9", lambda v: v >= 0.9)
+    for c in (8, 32):
+        add(f"LeNet stream C={c}: img/s vs unary classify (x)",
+            ratio(get("convserve", lenet, "stream", c, "images_per_s"),
+                  get("convserve", lenet, "classify", c, "images_per_s")), ">= 1.5", lambda v: v >= 1.5)
+    for c in (1, 32):
+        on, off = (get(srv, lenet, "classify", c, "cpu_us_per_request")
+                   for srv in ("convserve", "convserve-nometrics"))
+        add(f"metrics on vs off, LeNet classify C={c}: extra server CPU/request",
+            None if not (on and off) else on / off - 1, "<= 5%", lambda v: v <= 0.05)
+    if stalls:
+        small = float(np.median([s["small"]["p99_ms"] for s in stalls]))
+        health = float(np.median([s["health"]["max_ms"] for s in stalls]))
+        add("3 x 16-Mpx senders: small request p99 (ms)", small, "< 250 ms", lambda v: v < 250)
+        add("3 x 16-Mpx senders: slowest health Check (ms)", health, "< 250 ms", lambda v: v < 250)
     return out
 
 
@@ -268,7 +336,7 @@ def plot(rows: list[Row], path: Path) -> None:
         for key, rs in series.items():
             rs = sorted(rs, key=lambda r: r.case.concurrency)
             cs = [r.case.concurrency for r in rs]
-            style = "--" if key.startswith("baseline") else "-"
+            style = "--" if key.startswith(("plain", "empty")) else "-"
             axes[m][0].plot(cs, [r.summary["images_per_s"] for r in rs], style, marker="o", label=key)
             axes[m][1].plot(cs, [r.summary["p99_ms"] for r in rs], style, marker="o", label=key)
         ceil = {r.ceiling for r in rows if r.case.model == model and r.case.batch == 1 and r.ceiling}
@@ -293,7 +361,7 @@ def plot(rows: list[Row], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="short rows, 2 rounds (about 6 minutes in all)")
+    p.add_argument("--quick", action="store_true", help="short rows, 2 rounds (a few minutes in all)")
     p.add_argument("--warmup", type=float, help="seconds of load before each row (default 2, quick 1)")
     p.add_argument("--duration", type=float, help="seconds measured per row (default 6, quick 2)")
     p.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="C values for unary rows")
@@ -301,8 +369,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="load-generator processes sharing each row's concurrency (the box has few cores)")
     p.add_argument("--no-resnet", action="store_true", help="skip the ResNet-18 rows")
     p.add_argument("--models", default="lenet,resnet", help="rows of: lenet, resnet or both")
-    p.add_argument("--only", default="", help="comma-separated servers to run (convserve,convserve-nometrics,"
-                                             "baseline); default all")
+    p.add_argument("--only", default="", help=f"comma-separated servers to run ({','.join(SERVERS)}); "
+                                             "default all")
+    p.add_argument("--apis", default="classify,v2,stream", help="comma-separated APIs to run; default all")
+    p.add_argument("--no-stall", action="store_true", help="skip the 16-megapixel head-of-line check")
     p.add_argument("--repeat", type=int, help="rounds over all rows, medians reported (default 3, quick 2)")
     p.add_argument("--out", type=Path, default=models.REPO_ROOT / "bench_results")
     p.add_argument("--plot-only", action="store_true", help="redraw bench.png from the existing bench.json")
@@ -318,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = a.warmup if a.warmup is not None else (1.0 if a.quick else 2.0)
     duration = a.duration if a.duration is not None else (2.0 if a.quick else 6.0)
     a.repeat = a.repeat if a.repeat is not None else (2 if a.quick else 3)
+    load_start = os.getloadavg()
     a.out.mkdir(parents=True, exist_ok=True)
     repository = a.out / "models"
     repository.mkdir(exist_ok=True)
@@ -339,28 +410,30 @@ def main(argv: list[str] | None = None) -> int:
         keep = set(a.only.split(","))
         cases = [c for c in cases if c.server in keep]
     wanted = {{"lenet": models.LENET, "resnet": models.RESNET}[m] for m in a.models.split(",")}
-    cases = [c for c in cases if c.model in wanted]
+    cases = [c for c in cases if c.model in wanted and c.api in a.apis.split(",")]
     shapes = {m: shape for m, shape in shapes.items() if any(c.model == m for c in cases)}
 
-    servers = [srv for srv in ("convserve", "convserve-nometrics", "baseline")
-               if any(c.server == srv for c in cases)]
+    servers = [srv for srv in SERVERS if any(c.server == srv for c in cases)]
     per_round: dict[Case, list[tuple[dict, float]]] = {c: [] for c in cases}
     ceiling_rounds: dict[str, list[dict[int, float]]] = {m: [] for m in shapes}
     with tempfile.TemporaryDirectory(prefix="convserve-bench-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         # Every server stays up for the whole run and the rounds interleave them, so a burst of load
         # from elsewhere on a shared machine hits all of them alike; medians over rounds are reported.
-        targets_by: dict[tuple[str, str], str] = {}
+        targets_by: dict[tuple[str, str], Server] = {}
+        stalls: list[dict] = []
         for srv in servers:
-            if srv == "baseline":
+            if srv == "plain":
                 for m in shapes:
                     if any(c.server == srv and c.model == m for c in cases):
                         targets_by[srv, m] = stack.enter_context(
-                            baseline_server(models.model_file(repository, m), work))
+                            baseline_server("plain", models.model_file(repository, m), work))
             else:
-                target = stack.enter_context(convserve_server(repository, work, metrics=srv == "convserve"))
+                started = stack.enter_context(
+                    baseline_server("empty", None, work) if srv == "empty"
+                    else convserve_server(repository, work, srv))
                 for m in shapes:
-                    targets_by[srv, m] = target
+                    targets_by[srv, m] = started
         for rnd in range(a.repeat):
             for m in shapes:
                 extra = {1, 8, 32, 64} if m == models.LENET else {1, 8}
@@ -372,14 +445,19 @@ def main(argv: list[str] | None = None) -> int:
                 load1 = os.getloadavg()[0]
                 # ResNet-18 requests take tens of ms each: give its rows enough completions to count.
                 seconds = duration if case.model == models.LENET else max(duration, 5.0)
-                res = drive(targets_by[case.server, case.model], case, shapes[case.model], warmup, seconds,
-                            a.client_procs, work)
+                res, cpu = drive(targets_by[case.server, case.model], case, shapes[case.model], warmup,
+                                 seconds, a.client_procs, work)
                 sm = res.summary()
+                sm["cpu_us_per_request"] = cpu / res.requests * 1e6 if res.requests else float("nan")
                 per_round[case].append((sm, load1))
-                log.info("round %d: %-19s %-14s %-8s b=%-3d C=%-3d %9.0f img/s p50 %.2f p99 %.2f ms err %s "
-                         "(load %.1f)", rnd + 1, case.server, case.model, case.api, case.batch,
-                         case.concurrency, sm["images_per_s"], sm["p50_ms"], sm["p99_ms"], sm["errors"] or 0,
-                         load1)
+                log.info("round %d: %-19s %-14s %-8s b=%-3d C=%-3d %9.0f img/s p50 %.2f p99 %.2f ms "
+                         "cpu %.0f us/req err %s (load %.1f)", rnd + 1, case.server, case.model, case.api,
+                         case.batch, case.concurrency, sm["images_per_s"], sm["p50_ms"], sm["p99_ms"],
+                         sm["cpu_us_per_request"], sm["errors"] or 0, load1)
+            if not a.no_stall and ("convserve", models.LENET) in targets_by:
+                stalls.append(stall(targets_by["convserve", models.LENET], models.LENET, shapes[models.LENET],
+                                    max(duration, 4.0), work))
+                log.info("round %d: stall check %s", rnd + 1, stalls[-1])
         stack.close()
         if (work / "servers.log").is_file():
             (a.out / "servers.log").write_text((work / "servers.log").read_text(errors="replace"))
@@ -391,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             for c, rs in per_round.items()]
     rows.sort(key=lambda r: (r.case.model != models.LENET, r.case.model, r.case.api, r.case.batch,
                              r.case.server, r.case.concurrency))
-    checked = targets(rows, models.LENET, resnet, ceilings)
+    checked = targets(rows, models.LENET, resnet, ceilings, stalls)
     meta = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}",
@@ -399,12 +477,19 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "warmup_s": warmup, "duration_s": duration, "rounds": a.repeat, "client_procs": a.client_procs,
         "lenet": lenet_source, "resnet": resnet_source,
+        "loadavg_start_end": [load_start, os.getloadavg()],
     }
     md = table(rows)
     verdict = {True: "MET", False: "MISSED", None: "not measured"}
     tgt = "\n".join(f"- {t['target']}: {_fmt(t['measured'], t['target'])} (goal {t['goal']}) "
                     f"{verdict[t['met']]}" for t in checked)
-    text = (f"convserve benchmark, {meta['date']}, {meta['machine']}\n{meta['command']}\n\n{md}\n\n"
+    loads = ", ".join(f"{v:.1f}" for v in (*load_start, *os.getloadavg()))
+    stall_line = "; ".join(f"small p99 {s['small']['p99_ms']:.1f} ms, health max "
+                           f"{s['health']['max_ms']:.1f} ms, {s['big_requests']} big requests, "
+                           f"errors {s['errors'] or 0}" for s in stalls)
+    text = (f"convserve benchmark, {meta['date']}, {meta['machine']}\n{meta['command']}\n"
+            f"load average (1/5/15 min) at start, end: {loads}\n\n{md}\n\n"
+            f"head-of-line check (3 x 16-Mpx PNG senders), per round: {stall_line or 'not run'}\n\n"
             f"in-process ceilings (img/s by batch): "
             f"{ {m: {b: round(v) for b, v in c.items()} for m, c in ceilings.items()} }\n\nTargets:\n{tgt}\n")
     print(text)
@@ -417,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [{**asdict(r.case), **r.summary, "ceiling_images_per_s": r.ceiling, "loadavg_1m": r.loadavg,
                   "rounds": r.rounds} for r in rows],
         "targets": checked,
+        "stall_rounds": stalls,
     }, indent=1))
     plot(rows, a.out / "bench.png")
     log.info("wrote %s, %s and %s", a.out / "bench.md", a.out / "bench.json", a.out / "bench.png")
@@ -426,10 +512,10 @@ def main(argv: list[str] | None = None) -> int:
 def _fmt(value: float | None, name: str) -> str:
     if value is None:
         return "–"
-    if "ms" in name:
-        return f"{value:.3f} ms"
-    if "baseline" in name:
+    if "(x)" in name:
         return f"{value:.2f}x"
+    if "(ms)" in name:
+        return f"{value:.1f} ms"
     return f"{value:.1%}"
 
 

@@ -34,7 +34,7 @@ from convserve.client import AsyncClient, Client
 from convserve.client.inputs import encode_png
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc as pb_grpc
-from convserve.server.app import child_env, loopback_command
+from convserve.testing import child_env, loopback_command
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -40,7 +40,7 @@ import grpc
 import numpy as np
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.inference import grpc_service_pb2 as v2pb
-from convserve.server.app import child_env, loopback_command
+from convserve.testing import child_env, loopback_command
 
 CLASSIFY = "/convserve.v1.Classifier/Classify"
 STREAM = "/convserve.v1.Classifier/ClassifyStream"

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from convserve.common.commands import CommandError
+
 # Files per request: a few large batches instead of one call per file, under the server's image limit.
 CHUNK = 32
 
@@ -59,7 +61,6 @@ def add_commands(subparsers: Any) -> None:
 def _client(args: argparse.Namespace, **overrides: Any) -> Any:
     from convserve.client import Client
 
-    from .cli import CommandError
 
     token = None
     if args.token_file:
@@ -80,7 +81,6 @@ def _path(value: str | None) -> Path | None:
 
 
 def _unavailable(client: Any, exc: Exception) -> Exception:
-    from .cli import CommandError
 
     return CommandError(f"server {client.target} unavailable: {getattr(exc, 'details', exc)}")
 
@@ -89,7 +89,6 @@ def _classify(args: argparse.Namespace) -> int:
     from convserve.client import InvalidInputError, ServerUnavailableError
     from convserve.client.inputs import to_image
 
-    from .cli import CommandError
 
     try:  # unreadable files fail here, before any call
         images = [to_image(name, "IMAGE") for name in args.images]
@@ -169,7 +168,6 @@ def _models(args: argparse.Namespace) -> int:
 def _health(args: argparse.Namespace) -> int:
     from convserve.client import RetryPolicy, ServerUnavailableError
 
-    from .cli import CommandError
 
     # A healthcheck reports the state now: no retries.
     with _client(args, retry=RetryPolicy(max_attempts=1)) as client:

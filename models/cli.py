@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from convserve.client.cli import CommandError
+from convserve.common.commands import CommandError
 
 
 def add_commands(subparsers: Any) -> None:
@@ -44,7 +44,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (fixed for reproducibility); default min(4, CPU count)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (per-epoch lines remain)")
-    p.set_defaults(func=_train)
+    p.set_defaults(func=_train, extra="train")
 
     p = subparsers.add_parser(
         "export", help="export a checkpoint to ONNX as a model repository entry (self-verified)",
@@ -57,7 +57,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--force", action="store_true", help="replace an existing version")
     p.add_argument("--max-batch-size", type=int, default=128, help="largest batch the server may run")
-    p.set_defaults(func=_export)
+    p.set_defaults(func=_export, extra="train")
 
     p = subparsers.add_parser(
         "evaluate", help="measure an exported model through ONNX Runtime on the held-out split",
@@ -70,14 +70,14 @@ def add_commands(subparsers: Any) -> None:
                    help="'test' = the held-out split training never saw (default); 'all' = every image")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.set_defaults(func=_evaluate)
+    p.set_defaults(func=_evaluate, extra="train")
 
     p = subparsers.add_parser(
         "archs", help="list architectures with parameter counts and FLOPs",
         description="Parameter counts and multiply-accumulates of every registered architecture at its "
                     "reference input, next to the seed's MLP comparison (one 10k hidden layer on 300x300).")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
-    p.set_defaults(func=_archs)
+    p.set_defaults(func=_archs, extra="train")
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from convserve.server.model_config import InputSpec, ModelConfig, Preprocessing
+from convserve.common.model_config import InputSpec, ModelConfig, Preprocessing
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # The held-out split is part of the dataset's definition, not of a training run: it is seeded by

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from convserve.server.model_config import MODEL_FILE, ModelConfig, ModelConfigError, load_config
+from convserve.common.model_config import MODEL_FILE, ModelConfig, ModelConfigError, load_config
 
 from . import data as datamod
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from convserve.server.model_config import MODEL_FILE, ModelConfig, ModelConfigError
-from convserve.server.model_entry import EntryWriteError, check_writable, next_version, write_entry
+from convserve.common.model_config import MODEL_FILE, ModelConfig, ModelConfigError
+from convserve.common.model_entry import EntryWriteError, check_writable, next_version, write_entry
 from torch import nn
 
 from .functional import ONNX_OPSET, onnx_translation_table

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from convserve.server.model_config import ModelConfig, ModelConfigError
+from convserve.common.model_config import ModelConfig, ModelConfigError
 from torch import Tensor, nn
 
 from . import data as datamod

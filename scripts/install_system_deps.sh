@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Debian packages the tests drive for real: Prometheus (metrics checks), nginx (gRPC load balancer)
-# and openssl (test certificates for TLS/mTLS).
+# Debian packages the tests drive for real: Prometheus (metrics checks), nginx (the local stack's gRPC
+# load balancer), HAProxy (checks the compose stack's balancer config) and openssl (test certificates
+# for TLS/mTLS). `make test-deploy` installs its own (docker.io, mmdebstrap) in its scripts.
 # Idempotent: installs only what is missing. Needs root (or sudo).
 set -euo pipefail
 need=()
 command -v prometheus >/dev/null 2>&1 || [ -x /usr/bin/prometheus ] || need+=(prometheus)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 [ ${#need[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null 2>&1; then

@@ -35,7 +35,7 @@ from typing import Any
 
 import grpc
 import yaml
-from convserve.server.app import loopback_command
+from convserve.testing import loopback_command
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]

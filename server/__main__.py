@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .app import serve_forever
+from . import logging_setup
 from .settings import SettingsError, add_arguments, from_args
 
 
@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if settings.log_format == "json":  # before .app imports onnxruntime, whose import already logs
+        logging_setup.route_native_logs(settings.log_level)
+    from .app import serve_forever
+
     return serve_forever(settings)
 
 

@@ -15,7 +15,6 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -251,26 +250,6 @@ def write_port_file(path: str | Path, grpc_port: int, metrics_port: int | None) 
         raise
 
 
-def loopback_command(
-    port_file: str | Path, *flags: str, grpc_port: int = 0, metrics_port: int = 0
-) -> list[str]:
-    """``python -m convserve.server`` on 127.0.0.1 reporting its bound ports in ``port_file``: the one
-    command line that tests, benchmarks and ``make stack`` start servers with (0 = ephemeral, -1 = no
-    metrics)."""
-    return [
-        sys.executable, "-m", "convserve.server", "--host", "127.0.0.1",
-        "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-        "--port-file", str(port_file), *flags,
-    ]  # fmt: skip
-
-
-def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This environment minus CONVSERVE_* (a child takes settings from its command line), plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}
-    env.update(extra or {})
-    return env
-
-
 async def _serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -302,6 +281,15 @@ async def _serve(settings: Settings) -> int:
 def serve_forever(settings: Settings) -> int:
     """Run the server until SIGTERM/SIGINT, drain within the grace period, and return exit status 0
     (1 when it cannot start: a busy port, an unreadable certificate or token file)."""
-    logging_setup.configure_logging(settings.log_level, settings.log_format, settings.access_log)
+    # JSON logs mean every line: native libraries' stderr goes through the logger too.
+    stream = logging_setup.route_native_logs(settings.log_level) if settings.log_format == "json" else None
+    logging_setup.configure_logging(settings.log_level, settings.log_format, settings.access_log, stream)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    if settings.event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:  # not installed (e.g. Windows): asyncio's loop serves the same, a little slower
+            log.warning("uvloop is not installed; serving on asyncio's event loop")
+        else:
+            return uvloop.run(_serve(settings))
     return asyncio.run(_serve(settings))

@@ -574,11 +574,7 @@ class Batcher:
                     if start == 0:
                         obs.on_dequeue(now - req.enqueued)
                 if pieces:
-                    try:
-                        self._run_batch(pieces)
-                    finally:
-                        with self._lock:
-                            self._active -= 1
+                    self._run_batch(pieces)  # it lowers _active before answering
         finally:
             with self._lock:
                 self._running_workers -= 1
@@ -707,6 +703,10 @@ class Batcher:
                             if req.done == req.n or req.dropped:
                                 finished.append(req)
                         row += k
+        # No longer running: a caller woken by the replies below must see the batcher idle (the inline path
+        # of a cheap model checks it), or one batched request would pull every later one through here.
+        with self._lock:
+            self._active -= 1
         loop = finished[0].loop if finished else None
         if loop is not None and all(r.loop is loop for r in finished):
             self._post(loop, finished, error)

@@ -19,18 +19,22 @@ def add_commands(subparsers: Any) -> None:
         "taken from its flag, else CONVSERVE_<SETTING>, else the --config file, else the default.",
     )
     add_arguments(parser)
-    parser.set_defaults(func=_serve)
+    parser.set_defaults(func=_serve, extra="server")
     add_import_command(subparsers)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from convserve.client.cli import CommandError
+    from convserve.common.commands import CommandError
 
-    from .app import serve_forever
+    from . import logging_setup
     from .settings import SettingsError, from_args
 
     try:
         settings = from_args(args)
     except SettingsError as exc:
         raise CommandError(str(exc), exit_code=2) from None
+    if settings.log_format == "json":  # before .app imports onnxruntime, whose import already logs
+        logging_setup.route_native_logs(settings.log_level)
+    from .app import serve_forever
+
     return serve_forever(settings)

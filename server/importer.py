@@ -4,7 +4,7 @@ The graph gives the input/output names, (C, H, W) and the class count (server/au
 adds what a graph cannot say: labels, the normalisation it was trained with, whether it ends in a softmax.
 Nothing is written until the server's own loader has accepted the graph against the config and an
 encoded image and a random batch have run through it; then the entry is written atomically
-(server/model_entry.py), like ``convserve export``.
+(common/model_entry.py), like ``convserve export``.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from convserve.common.model_config import NAME_PATTERN, OUTPUT_KINDS, ModelConfig, ModelConfigError
+from convserve.common.model_entry import EntryWriteError, check_writable, next_version, write_entry
+
 from .autocomplete import COLOR_MODES, read_signature
-from .model_config import NAME_PATTERN, OUTPUT_KINDS, ModelConfig, ModelConfigError
-from .model_entry import EntryWriteError, check_writable, next_version, write_entry
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from convserve.client.cli import CommandError
+    from convserve.common.commands import CommandError
 
     try:
         if not args.model.is_file():

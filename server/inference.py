@@ -73,8 +73,8 @@ INLINE_DECODE_PIXELS = 65_536
 INLINE_HEADERS = 16
 # Tensor elements converted/checked on the loop; bigger tensors go to the pool (~1 ms per 1M elements).
 INLINE_TENSOR_ELEMENTS = 1_000_000
-# Reply cells (rows x values) built on the loop; bigger replies are built in the pool.
-INLINE_REPLY_CELLS = 32_768
+# Estimated reply bytes built on the loop (~1 ms of work); bigger replies are built in the pool.
+INLINE_REPLY_BYTES = 256 * 1024
 # Bytes a reply needs beyond its numbers: per classification entry (index, probability, framing), per
 # output and per reply. Deliberately generous: the bound must refuse before building, never after.
 _ENTRY_OVERHEAD = 24
@@ -248,6 +248,17 @@ class PixelBudget:
             fut.set_result(None)
 
 
+class _Times:
+    """What one request's accounting needs from the stages it got through."""
+
+    __slots__ = ("images", "input_s", "output_s")
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.input_s: float | None = None
+        self.output_s: float | None = None
+
+
 class _Abandoned(Exception):
     """Raised at a checkpoint of a request whose caller went away (pool threads cannot be cancelled)."""
 
@@ -286,6 +297,9 @@ class InferenceCore:
         workers = settings.cpu_workers or os.cpu_count() or 1
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="convserve-cpu")
         self.pixels = PixelBudget(settings.decode_pixels_in_flight)
+        self._plans: dict[
+            tuple[ServedModel, tuple[RequestedOutput, ...]], tuple[tuple[RequestedOutput, ...], int]
+        ] = {}
 
     def close(self) -> None:
         """Stop the CPU pool; work already handed to it finishes (it checks its stop flag)."""
@@ -307,17 +321,16 @@ class InferenceCore:
         """
         start = time.perf_counter()
         api = request.api if request.api in API_NAMES else "other"
-        served = self._lookup(request, api, start)
+        served = self._lookup(request, api)
         trace = request.trace
         if trace is not None:
             trace.version = served.version_label
         stats = served.stats
         stats.started(api)
-        code, reason, images = "OK", "", 0
+        code, reason = "OK", ""
+        times = _Times()
         try:
-            reply = await self._run(served, request, encode)
-            images = reply[1]
-            return reply[0]
+            return await self._run(served, request, encode, times)
         except asyncio.CancelledError:
             request.cancel.set()  # work already in the pool stops at its next checkpoint
             code = "CANCELLED"
@@ -330,9 +343,11 @@ class InferenceCore:
             code, reason = f.code.name, f.reason
             raise
         finally:
-            stats.finished(api, code, reason, time.perf_counter() - start, images)
+            stats.finished(
+                api, code, reason, time.perf_counter() - start, times.images, times.input_s, times.output_s
+            )
 
-    def _lookup(self, request: InferenceRequest, api: str, start: float) -> ServedModel:
+    def _lookup(self, request: InferenceRequest, api: str) -> ServedModel:
         """Resolve the version to run; a failed lookup is still counted, under the model label (or "")."""
         try:
             return self.repository.resolve(request.model, request.version, request.model_field)
@@ -345,27 +360,35 @@ class InferenceCore:
             raise
 
     async def _run(
-        self, served: ServedModel, request: InferenceRequest, encode: Callable[[InferenceResult], T] | None
-    ) -> tuple[T | InferenceResult, int]:
+        self,
+        served: ServedModel,
+        request: InferenceRequest,
+        encode: Callable[[InferenceResult], T] | None,
+        times: _Times,
+    ) -> T | InferenceResult:
         cfg = served.cfg
         stop = _Stop(request.deadline, request.cancel, served.name)
-        outputs = self._plan_outputs(request, cfg)
+        outputs, reply_bytes_per_image = self._plan(served, request)
         inputs = request.inputs(cfg) if callable(request.inputs) else request.inputs
         n = self._count(inputs)
         if request.trace is not None:
             request.trace.images = n
-        self._bound_reply(outputs, n, cfg)
+        reply_bytes = _REPLY_OVERHEAD + n * reply_bytes_per_image
+        if reply_bytes > self.max_reply_bytes:  # refused before any work, not after building it
+            raise ReplyTooLargeError(
+                f"outputs: the reply for {n} images would be about {reply_bytes} bytes, over the largest "
+                f"message this server sends ({self.max_reply_bytes} bytes); request fewer images or classes"
+            )
         stop()
 
         t0 = time.perf_counter()
         batch = await self._preprocess(served, inputs, stop)
-        served.stats.compute_input(time.perf_counter() - t0)
+        times.input_s = time.perf_counter() - t0
         stop()
 
         raw = await served.infer(batch, request.deadline, request.backpressure)
 
         t0 = time.perf_counter()
-        cells = n * max((o.classification or cfg.num_classes) for o in outputs)
 
         def finish() -> T | InferenceResult:
             result = InferenceResult(
@@ -378,31 +401,54 @@ class InferenceCore:
             )
             return result if encode is None else encode(result)
 
-        if cells <= INLINE_REPLY_CELLS:
+        if n * reply_bytes_per_image <= INLINE_REPLY_BYTES:
             reply = finish()
         else:
             stop()
             reply = await self._in_pool(finish)
-        served.stats.compute_output(time.perf_counter() - t0)
-        return reply, n
+        times.output_s = time.perf_counter() - t0
+        times.images = n
+        return reply
 
-    def _plan_outputs(self, request: InferenceRequest, cfg: ModelConfig) -> list[RequestedOutput]:
-        """Requested outputs with k resolved; duplicates refused before anything is built."""
-        wanted = request.outputs(cfg) if callable(request.outputs) else request.outputs
+    def _plan(
+        self, served: ServedModel, request: InferenceRequest
+    ) -> tuple[tuple[RequestedOutput, ...], int]:
+        """The outputs to build (names checked, k resolved, duplicates refused) and the reply bytes each
+        image adds, cached per (model version, requested outputs): most requests ask the same thing."""
+        wanted = request.outputs(served.cfg) if callable(request.outputs) else request.outputs
+        key = (served, wanted if type(wanted) is tuple else tuple(wanted))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._make_plan(served.cfg, key[1])
+            if len(self._plans) >= 256:  # bounded: reloads and odd requests make new keys
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def _make_plan(
+        self, cfg: ModelConfig, wanted: tuple[RequestedOutput, ...]
+    ) -> tuple[tuple[RequestedOutput, ...], int]:
         plan: list[RequestedOutput] = []
         seen: set[str] = set()
-        for out in wanted:
+        longest_label = max((len(label.encode()) for label in cfg.labels), default=0)
+        per_image = 0
+        for i, out in enumerate(wanted):
             name = out.name or cfg.output.name
+            if name != cfg.output.name:
+                raise InvalidInputError(f"outputs[{i}].name: expected {cfg.output.name!r}, got {name!r}")
             if name in seen:
                 raise InvalidInputError(
                     f"outputs: {name!r} is requested more than once; expected each output at most once"
                 )
             seen.add(name)
             k = out.classification
-            if k is not None:
+            if k is None:
+                per_image += cfg.num_classes * 4
+            else:
                 k = resolve_top_k(k, cfg.num_classes, self.settings.top_k, out.where)
+                per_image += k * (longest_label + _ENTRY_OVERHEAD)
             plan.append(RequestedOutput(name, k, out.where))
-        return plan
+        return tuple(plan), per_image
 
     def _count(self, inputs: Sequence[Input]) -> int:
         """Images in the request (tensor rows included), refused past the per-request limit."""
@@ -424,24 +470,14 @@ class InferenceCore:
             )
         return n
 
-    def _bound_reply(self, outputs: list[RequestedOutput], n: int, cfg: ModelConfig) -> None:
-        """Refuse up front a reply that could not be sent (over the largest message), before any work."""
-        longest_label = max((len(label.encode()) for label in cfg.labels), default=0)
-        size = _REPLY_OVERHEAD
-        for out in outputs:
-            if out.classification is None:
-                size += n * cfg.num_classes * 4
-            else:
-                size += n * out.classification * (longest_label + _ENTRY_OVERHEAD)
-        if size > self.max_reply_bytes:
-            raise ReplyTooLargeError(
-                f"outputs: the reply for {n} images would be about {size} bytes, over the largest message "
-                f"this server sends ({self.max_reply_bytes} bytes); request fewer images or fewer classes"
-            )
-
     async def _preprocess(self, served: ServedModel, inputs: Sequence[Input], stop: _Stop) -> np.ndarray:
         """Inputs → one (N, C, H, W) float32 batch, in request order; expensive parts off the loop."""
         cfg = served.cfg
+        if len(inputs) == 1:
+            only = inputs[0]
+            if type(only) is TensorInput and math.prod(only.shape) <= INLINE_TENSOR_ELEMENTS:
+                arr = _tensor(only, cfg)  # the common case: one small tensor, wrapped without a copy
+                return arr if arr.ndim == 4 else arr[None]
         parts: list[np.ndarray | None] = [None] * len(inputs)
         encoded: list[int] = []
         big_tensors: list[int] = []

@@ -453,8 +453,9 @@ class ModelRepository:
 
     def entry(self, name: str, where: str = "model") -> ModelEntry:
         """The entry for a validated name; ModelNotFoundError naming what exists otherwise."""
-        entry = self._entries.get(validate_model_name(name, where))
+        entry = self._entries.get(name)  # entries have valid names: only a miss needs validating
         if entry is None:
+            validate_model_name(name, where)
             known = sorted(self._entries)
             shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
             raise ModelNotFoundError(f"{where}: no model named {name!r}; the repository has [{shown}]")

@@ -71,7 +71,8 @@ def provider_list(requested: Sequence[str], available: Sequence[str] | None = No
             chosen[0],
             f"execution provider(s) {', '.join(missing)} requested but not available in this onnxruntime "
             f"build (available: {', '.join(available)}); falling back to {chosen[0]}. "
-            f"Install the 'gpu' extra (onnxruntime-gpu) on a machine with CUDA for cuda/tensorrt.",
+            f"Install the 'server-gpu' extra (onnxruntime-gpu in place of onnxruntime) on a machine "
+            f"with CUDA for cuda/tensorrt.",
         )
     return chosen
 

@@ -81,6 +81,7 @@ class Settings:
     inline_inference_us: int = _s(
         150, "single-image runs estimated at most this long run on the event loop when the batcher is idle"
     )
+    event_loop: str = _s("uvloop", "event loop of `convserve serve`: uvloop (when installed) or asyncio")
     cpu_workers: int = _s(0, "threads for decoding and big pre/postprocessing (0 = one per CPU core)")
     decode_pixels_in_flight: int = _s(
         48_000_000, "decoded pixels being decoded at once, server-wide; more waits (cost-bounded admission)"
@@ -145,6 +146,8 @@ def _validate(s: Settings) -> None:
         )
     if s.log_level.upper() not in LOG_LEVELS:
         problems.append(f"log_level must be one of {LOG_LEVELS}, got {s.log_level!r}")
+    if s.event_loop not in ("uvloop", "asyncio"):
+        problems.append(f"event_loop must be one of ('uvloop', 'asyncio'), got {s.event_loop!r}")
     if s.log_format not in LOG_FORMATS:
         problems.append(f"log_format must be one of {LOG_FORMATS}, got {s.log_format!r}")
     positive = (

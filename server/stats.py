@@ -85,8 +85,6 @@ class ModelStats:
             self._queue_hist = series.stages["queue"]
             self._depth_gauge = series.queue_depth
             self._stage_hist = series.stages
-        # Seconds one single-image run took, smoothed: the inline-vs-batcher decision reads it.
-        self.single_run_s = 0.0
 
     # ---- the request path (event loop) ---------------------------------------------------------------
 
@@ -95,13 +93,31 @@ class ModelStats:
         if self._series is not None:
             self._series.api_children(api)[1].inc()
 
-    def finished(self, api: str, code: str, reason: str, seconds: float, images: int) -> None:
-        """A request left the core: ``code`` is the status name, ``reason`` the failure's ("" on success)."""
+    def finished(
+        self,
+        api: str,
+        code: str,
+        reason: str,
+        seconds: float,
+        images: int,
+        input_s: float | None = None,
+        output_s: float | None = None,
+    ) -> None:
+        """A request left the core: ``code`` is its status name, ``reason`` the failure's ("" on success;
+        a cancelled request has code CANCELLED and no reason); ``input_s``/``output_s`` are its
+        compute_input (decode, convert) and compute_output (top-k, reply) times when it got that far.
+        One call per request: one lock, and the Prometheus children resolved once per version."""
         ns = int(seconds * _NS)
         with self._lock:
-            acc = self._fail if reason else self._success
+            acc = self._success if code == "OK" else self._fail
             acc[0] += 1
             acc[1] += ns
+            if input_s is not None:
+                self._input[0] += 1
+                self._input[1] += int(input_s * _NS)
+            if output_s is not None:
+                self._output[0] += 1
+                self._output[1] += int(output_s * _NS)
         s = self._series
         if s is not None:
             duration, inflight = s.api_children(api)
@@ -112,22 +128,10 @@ class ModelStats:
                 s.failures(api, reason).inc()
             elif images:
                 s.images(api).inc(images)
-
-    def compute_input(self, seconds: float) -> None:
-        """Decode/convert/normalise time of one request (Triton's compute_input)."""
-        with self._lock:
-            self._input[0] += 1
-            self._input[1] += int(seconds * _NS)
-        if self._series is not None:
-            self._stage_hist["preprocess"].observe(seconds)
-
-    def compute_output(self, seconds: float) -> None:
-        """Softmax/top-k/reply-building time of one request (Triton's compute_output)."""
-        with self._lock:
-            self._output[0] += 1
-            self._output[1] += int(seconds * _NS)
-        if self._series is not None:
-            self._stage_hist["postprocess"].observe(seconds)
+            if input_s is not None:
+                self._stage_hist["preprocess"].observe(input_s)
+            if output_s is not None:
+                self._stage_hist["postprocess"].observe(output_s)
 
     # ---- executions (worker threads or the inline path) --------------------------------------------
 
@@ -145,9 +149,6 @@ class ModelStats:
             b[0] += 1
             b[1] += ns
             self.last_inference_ms = int(time.time() * 1000)
-            if size == 1:
-                prev = self.single_run_s
-                self.single_run_s = infer_seconds if prev == 0.0 else 0.9 * prev + 0.1 * infer_seconds
         if self._series is not None:
             self._batch_hist.observe(size)
             self._stage_hist["inference"].observe(infer_seconds)

@@ -18,8 +18,8 @@ Fixtures other areas reuse (SDK, batcher, metrics tests):
 - ``encode_png`` (session): ``encode_png(uint8 HW or HWC array, mode=None) -> PNG bytes``.
 - ``server_process`` (function): ``server_process(*cli_args, env=None) -> ServerProcess`` runs
   ``python -m convserve.server --grpc-port 0 --port-file ...`` in a child process and waits for health
-  SERVING; ``.address``, ``.grpc_port``, ``.metrics_port``, ``.proc``, ``.log()``, ``.stop()`` (SIGTERM →
-  exit status). Stopped at teardown.
+  SERVING (the shared harness, convserve.testing); ``.address``, ``.grpc_port``, ``.metrics_port``,
+  ``.proc``, ``.log_text()``, ``.stop()`` (SIGTERM → exit status). Stopped at teardown.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from convserve.testing import ServerProcess, start_server_process
 
 
 @pytest.fixture(autouse=True)
@@ -356,83 +357,6 @@ def encode_png() -> Callable[..., bytes]:
 # ---- subprocess servers ---------------------------------------------------------------------------------
 
 
-@dataclass
-class ServerProcess:
-    """``python -m convserve.server`` in a child process, with the ports it wrote to its port file."""
-
-    proc: Any
-    grpc_port: int
-    metrics_port: int | None
-    log_path: Path
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM, then SIGKILL after ``timeout``; returns the exit status."""
-        import subprocess
-
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
-
-
-def spawn_server_process(
-    args: list[str], workdir: Path, timeout: float = 60.0, env: dict[str, str] | None = None
-) -> ServerProcess:
-    """Start the server with ``--grpc-port 0 --port-file``; wait for the file, then for health SERVING."""
-    import subprocess
-    import time
-
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    port_file = workdir / "ports.json"
-    log_path = workdir / "server.log"
-    port_file.unlink(missing_ok=True)
-    from convserve.server.app import child_env, loopback_command
-
-    cmd = loopback_command(port_file, *args)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(env))
-    deadline = time.monotonic() + timeout
-    try:
-        while not port_file.exists():
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no port file within {timeout} s:\n{log_path.read_text()}")
-            time.sleep(0.05)
-        ports = json.loads(port_file.read_text())
-        handle = ServerProcess(proc, ports["grpc_port"], ports["metrics_port"], log_path)
-        with grpc.insecure_channel(handle.address) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while True:
-                try:
-                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                    if status == health_pb2.HealthCheckResponse.SERVING:
-                        return handle
-                except grpc.RpcError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise TimeoutError(f"server never became SERVING:\n{log_path.read_text()}")
-                time.sleep(0.05)
-    except BaseException:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        raise
-
-
 @pytest.fixture
 def server_process(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     """``server_process(*cli_args, env=None) -> ServerProcess``; every one is stopped at teardown."""
@@ -441,7 +365,7 @@ def server_process(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     def factory(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
         workdir = tmp_path / f"server{len(handles)}"
         workdir.mkdir()
-        handle = spawn_server_process(list(args), workdir, env=env)
+        handle = start_server_process(list(args), workdir, env=env)
         handles.append(handle)
         return handle
 

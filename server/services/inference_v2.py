@@ -172,7 +172,7 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
                 model=request.model_name,
                 version=parse_version(request.model_version),
                 inputs=lambda cfg: _inputs(request, cfg),
-                outputs=lambda cfg: _requested_outputs(request, cfg),
+                outputs=_requested_outputs(request),
                 deadline=deadline,
                 request_id=call.request_id,
                 api=API,
@@ -269,28 +269,26 @@ def _param_int(param: pb.InferParameter, where: str) -> int:
     raise InvalidInputError(f"{where}: expected an integer class count, got {kind or 'an empty parameter'}")
 
 
-def _requested_outputs(request: pb.ModelInferRequest, cfg: ModelConfig) -> list[RequestedOutput]:
-    """Each requested output (classification k, or None for the raw tensor); all outputs when none are
-    named. Duplicates are refused by the core."""
+# No outputs named and no classification parameter: the raw output (the common case, one shared object).
+_RAW = (RequestedOutput(),)
+
+
+def _requested_outputs(request: pb.ModelInferRequest) -> tuple[RequestedOutput, ...]:
+    """Each requested output (classification k, or None for the raw tensor); the model's output when none
+    is named. Names and duplicates are checked by the core against the model."""
     default_k = 0
     if CLASSIFICATION in request.parameters:
         default_k = _param_int(request.parameters[CLASSIFICATION], "parameters['classification']")
     if not request.outputs:
-        name = cfg.output.name
-        return [RequestedOutput(name, default_k or None, f"outputs[{name!r}].classification")]
+        return _RAW if not default_k else (RequestedOutput("", default_k, "parameters['classification']"),)
     wanted = []
     for i, out in enumerate(request.outputs):
-        if out.name != cfg.output.name:
-            raise InvalidInputError(f"outputs[{i}].name: expected {cfg.output.name!r}, got {out.name!r}")
-        k = default_k
+        k, where = default_k, "parameters['classification']"
         if CLASSIFICATION in out.parameters:
-            k = _param_int(out.parameters[CLASSIFICATION], f"outputs[{i}].parameters['classification']")
-        if k < 0:
-            raise InvalidInputError(
-                f"outputs[{i}].parameters['classification']: expected 1..{cfg.num_classes}, got {k}"
-            )
-        wanted.append(RequestedOutput(out.name, k or None, f"outputs[{out.name!r}].classification"))
-    return wanted
+            where = f"outputs[{i}].parameters['classification']"
+            k = _param_int(out.parameters[CLASSIFICATION], where)
+        wanted.append(RequestedOutput(out.name, k or None, where))
+    return tuple(wanted)
 
 
 def _serialize_bytes(items: list[bytes]) -> bytes:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from convserve.client.cli import main
+from convserve.cli import main
 from PIL import Image
 from sdk_testing import GRAY, digit_pixels, preprocess
 
@@ -128,7 +128,7 @@ def test_token_file(small_server: Any, tmp_path: Path, capsys: pytest.CaptureFix
 def test_real_process(server: Any, refused_address: str, tmp_path: Path) -> None:
     """The installed ``convserve`` command in its own process: a classification and a failing healthcheck."""
     script = Path(sys.executable).with_name("convserve")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "convserve.client.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "convserve.cli"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}
     path = write_png(tmp_path / "d.png", digit_pixels(3))
     argv = ["classify", str(path), "--server", server.address, "--model", GRAY, "--json"]

@@ -1,5 +1,5 @@
 """docker-compose.yml validated against the Compose Specification schema, and checked to agree with the
-Dockerfile, the nginx and Prometheus configs, the Grafana provisioning and the server's own settings."""
+Dockerfile, the HAProxy and Prometheus configs, the Grafana provisioning and the server's own settings."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
+HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 PROMETHEUS_CONF = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA = ROOT / "deploy" / "grafana"
 
@@ -65,7 +65,7 @@ def test_services_and_profiles(compose: dict[str, Any]) -> None:
     assert services["convserve-gpu"]["profiles"] == ["gpu"]
     assert services["train"]["profiles"] == ["train"]
     for name in ("lb", "prometheus", "grafana"):
-        image = services[name]["image"]
+        image = re.sub(r"^\$\{\w+:-(.*)\}$", r"\1", services[name]["image"])  # an override's default
         assert re.search(r":v?\d+\.\d+\.\d+(-\w+)?$", image), f"{name}: image not pinned by version: {image}"
 
 
@@ -99,9 +99,13 @@ def test_replica_ports_health_volume_and_shutdown_agree_with_the_server(
     # No fixed host port, so `--scale` cannot collide; loopback only on the host.
     assert {p["target"] for p in service["ports"]} == {settings.grpc_port, settings.metrics_port}
     assert all("published" not in p and p["host_ip"] == "127.0.0.1" for p in service["ports"])
-    # Same health command as the image's HEALTHCHECK.
+    # Same health command as the image's HEALTHCHECK (`sh -c SCRIPT` there, CMD-SHELL here; compose
+    # reads `$$` as a literal `$`, so the container's shell expands the port).
     (health,) = dockerfile.stages[service["build"]["target"]].args_of("HEALTHCHECK")
-    assert service["healthcheck"]["test"] == ["CMD", *json.loads(health.partition(" CMD ")[2])]
+    shell, flag, script = json.loads(health.partition(" CMD ")[2])
+    kind, compose_script = service["healthcheck"]["test"]
+    assert (shell, flag, kind) == ("sh", "-c", "CMD-SHELL")
+    assert compose_script.replace("$$", "$") == script
     # The repository is mounted read-only where the server looks for it.
     mount = _mount(service, settings.model_repository)
     assert mount["type"] == "bind" and mount["read_only"] is True
@@ -130,7 +134,7 @@ def test_gpu_variant_reserves_an_nvidia_device_and_tries_cuda_first(
 def test_train_job_runs_real_convserve_commands_into_the_mounted_repository(
     compose: dict[str, Any], dockerfile: Any, settings: Any
 ) -> None:
-    from convserve.client.cli import build_parser
+    from convserve.cli import build_parser
 
     service = compose["services"]["train"]
     assert service["build"]["target"] == "train" and service["restart"] == "no"
@@ -148,31 +152,49 @@ def test_train_job_runs_real_convserve_commands_into_the_mounted_repository(
 # ---- load balancer ---------------------------------------------------------------------------------------
 
 
-def _nginx_directives(text: str) -> list[tuple[str, list[str]]]:
-    """(directive, arguments) in file order, comments dropped."""
-    text = re.sub(r"#[^\n]*", "", text)
-    return [(m[1], m[2].split()) for m in re.finditer(r"([a-z_0-9]+)\s+([^;{}]*)[;{]", text)]
+def _haproxy_sections(text: str) -> dict[str, list[list[str]]]:
+    """``"section name" → [keyword, args...]`` lines, comments dropped."""
+    sections: dict[str, list[list[str]]] = {}
+    current: list[list[str]] = []
+    for raw in text.splitlines():
+        words = raw.split("#", 1)[0].split()
+        if not words:
+            continue
+        if not raw[0].isspace():
+            current = sections.setdefault(" ".join(words), [])
+        else:
+            current.append(words)
+    return sections
 
 
 def test_load_balancer_publishes_one_port_and_balances_the_replicas_by_dns_name(
     compose: dict[str, Any], settings: Any
 ) -> None:
     lb = compose["services"]["lb"]
-    assert lb["ports"] == [f"{settings.grpc_port}:{settings.grpc_port}"]
-    conf = _mount(lb, "/etc/nginx/nginx.conf")
-    assert (ROOT / conf["source"]).resolve() == NGINX_CONF and conf["read_only"] is True
-    directives = _nginx_directives(NGINX_CONF.read_text())
-    servers = [args for name, args in directives if name == "server" and args]
-    assert servers == [[f"convserve:{settings.grpc_port}", "resolve"]]  # one name, every replica behind it
-    assert ["listen", [str(settings.grpc_port)]] in [[n, a] for n, a in directives]
-    assert ("resolver", ["127.0.0.11", "valid=5s", "ipv6=off"]) in directives  # Docker's embedded DNS
-    (upstream,) = [args[0] for name, args in directives if name == "upstream"]
-    assert ("grpc_pass", [f"grpc://{upstream}"]) in directives
-    assert ("http2", ["on"]) in directives
-    assert ("client_max_body_size", ["0"]) in directives
-    # `resolve` (nginx >= 1.27.3) is what re-reads the replica list after `--scale`.
-    major, minor, patch = (int(x) for x in re.search(r":(\d+)\.(\d+)\.(\d+)", lb["image"]).groups())  # type: ignore[union-attr]
-    assert (major, minor, patch) >= (1, 27, 3)
+    (port,) = lb["ports"]
+    assert port["target"] == settings.grpc_port
+    assert port["published"] == f"${{CONVSERVE_LB_PORT:-{settings.grpc_port}}}"
+    conf = _mount(lb, "/usr/local/etc/haproxy/haproxy.cfg")  # where the haproxy image reads it
+    assert (ROOT / conf["source"]).resolve() == HAPROXY_CFG and conf["read_only"] is True
+    sections = _haproxy_sections(HAPROXY_CFG.read_text())
+    assert ["bind", f":{settings.grpc_port}", "proto", "h2"] in sections["frontend grpc"]  # h2c in
+    (template,) = [w for w in sections["backend convserve"] if w[0] == "server-template"]
+    # One name, every replica behind it (h2c out), re-resolved through Docker's embedded DNS.
+    assert template[3] == f"convserve:{settings.grpc_port}"
+    assert template[template.index("proto") + 1] == "h2"
+    assert template[template.index("resolvers") + 1] == "docker"
+    assert ["nameserver", "dns", "127.0.0.11:53"] in sections["resolvers docker"]
+    assert ["balance", "roundrobin"] in sections["backend convserve"]
+    # Only connection failures are retried: a call that reached a replica never runs twice.
+    assert ["retry-on", "conn-failure"] in sections["defaults"]
+
+
+def test_haproxy_config_passes_haproxy_c(system_binary: Any) -> None:
+    haproxy = system_binary("haproxy", "/usr/sbin/haproxy")
+    result = subprocess.run(
+        [haproxy, "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # ---- Prometheus and Grafana ------------------------------------------------------------------------------
@@ -209,7 +231,7 @@ def test_grafana_is_provisioned_with_the_prometheus_service_and_the_dashboard(
     (datasource,) = yaml.safe_load((GRAFANA / "provisioning/datasources/prometheus.yml").read_text())[
         "datasources"
     ]
-    prometheus_port = compose["services"]["prometheus"]["ports"][0].split(":")[-1]
+    prometheus_port = compose["services"]["prometheus"]["ports"][0]["target"]  # the in-network port
     assert datasource["url"] == f"http://prometheus:{prometheus_port}"
     (provider,) = yaml.safe_load((GRAFANA / "provisioning/dashboards/convserve.yml").read_text())["providers"]
     dashboards = _mount(grafana, provider["options"]["path"])

@@ -66,16 +66,15 @@ def test_serving_image_installs_the_server_extra_only(dockerfile: Any) -> None:
     requirements = requires("convserve") or []
     server = [r for r in requirements if 'extra == "server"' in r]
     assert server and not any(r.startswith("torch") for r in server)
-    assert any('extra == "gpu"' in r for r in requirements)
     (install,) = [a for a in dockerfile.stages["build"].args_of("RUN") if "pip install" in a]
     assert shlex.split(install)[-1] == "/src[server]"
-    gpu_install = " ".join(dockerfile.stages["gpu-build"].args_of("RUN"))
-    assert "/src[server,gpu]" in gpu_install
+    (gpu_install,) = [a for a in dockerfile.stages["gpu-build"].args_of("RUN") if "pip install" in a]
+    assert shlex.split(gpu_install)[-1] == "/src[server-gpu]"  # GPU runtime in place of the CPU one
     # The runtime stages take only the built virtual environment, never the source tree.
     for name, builder in (("cpu", "build"), ("gpu", "gpu-build")):
         copies = dockerfile.stages[name].args_of("COPY")
         assert f"--from={builder} /opt/venv /opt/venv" in copies
-        assert not any(c.split()[0] in {"server", "client", "models", "."} for c in copies)
+        assert not any(c.split()[0] in {"server", "client", "cli", "common", "models", "."} for c in copies)
     (train,) = [a for a in dockerfile.stages["train"].args_of("RUN") if "pip install" in a]
     assert "/src[train]" in train and "--extra-index-url=" in train
 
@@ -89,7 +88,7 @@ def test_runs_as_a_numeric_non_root_user(dockerfile: Any, stage: str) -> None:
 
 @pytest.mark.parametrize("stage", SERVING_STAGES)
 def test_exec_form_entrypoint_runs_convserve_serve(dockerfile: Any, stage: str) -> None:
-    from convserve.client.cli import build_parser
+    from convserve.cli import build_parser
 
     entrypoint = dockerfile.stages[stage].exec_form("ENTRYPOINT")
     assert entrypoint[:2] == ["convserve", "serve"]
@@ -98,18 +97,27 @@ def test_exec_form_entrypoint_runs_convserve_serve(dockerfile: Any, stage: str) 
 
 
 @pytest.mark.parametrize("stage", SERVING_STAGES)
-def test_healthcheck_asks_convserve_health_on_the_grpc_port(
-    dockerfile: Any, settings_from_env: Any, stage: str
+@pytest.mark.parametrize("grpc_port", [None, 18001], ids=["image-port", "port-18001"])
+def test_healthcheck_asks_convserve_health_on_the_configured_grpc_port(
+    dockerfile: Any, settings_from_env: Any, stage: str, grpc_port: int | None
 ) -> None:
-    from convserve.client.cli import build_parser
+    """The port comes from the container's CONVSERVE_GRPC_PORT: `-e CONVSERVE_GRPC_PORT=...` stays healthy."""
+    from convserve.cli import build_parser
 
     s = dockerfile.stages[stage]
-    settings = settings_from_env({k: v for k, v in s.env().items() if k.startswith("CONVSERVE_")})
+    env = {k: v for k, v in s.env().items() if k.startswith("CONVSERVE_")}
+    if grpc_port is not None:
+        env["CONVSERVE_GRPC_PORT"] = str(grpc_port)
+    settings = settings_from_env(env)
     (health,) = s.args_of("HEALTHCHECK")
     options, _, command = health.partition(" CMD ")
-    cmd = json.loads(command)
-    assert cmd[:2] == ["convserve", "health"]
-    args = build_parser().parse_args(cmd[1:])
+    shell, flag, script = json.loads(command)
+    assert (shell, flag) == ("sh", "-c")
+    # What the container's shell runs: its variables expanded, then `exec` (the check is the process).
+    expanded = re.sub(r"\$\{(\w+)\}", lambda m: env[m[1]], script)
+    words = shlex.split(expanded)
+    assert words[:3] == ["exec", "convserve", "health"]
+    args = build_parser().parse_args(words[2:])
     assert args.command == "health"
     assert args.server == f"127.0.0.1:{settings.grpc_port}"
     timeout = float(re.search(r"--timeout=(\d+)s", options)[1])  # type: ignore[index]
@@ -212,8 +220,12 @@ def test_dockerignore_keeps_environments_caches_and_artefacts_out(dockerfile: An
     assert {
         "pyproject.toml",
         "README.md",
+        "LICENSE",
         "server",
         "client",
+        "cli",
+        "common",
+        "testing",
         "models",
         "protos",
         "model_repository",
@@ -239,7 +251,13 @@ def _train_only_modules() -> list[str]:
     def names(extra: str | None) -> set[str]:
         reqs = requires("convserve") or []
         chosen = [r for r in reqs if (f'extra == "{extra}"' in r if extra else "extra ==" not in r)]
-        return {re.split(r"[\s;<>=!~\[]", r, maxsplit=1)[0].lower().replace("_", "-") for r in chosen}
+        found = set()
+        for r in chosen:
+            if inner := re.match(r"convserve\[([\w,-]+)\]", r):  # an extra that includes others
+                found |= set().union(*(names(e) for e in inner[1].split(",")))
+            else:
+                found.add(re.split(r"[\s;<>=!~\[]", r, maxsplit=1)[0].lower().replace("_", "-"))
+        return found
 
     train_only = names("train") - names("server") - names(None)
     modules = {
@@ -259,7 +277,7 @@ def test_serve_and_health_work_without_the_train_extra(model_repository: Path, t
         "import sys\n"
         f"for name in {_train_only_modules()!r}:\n"
         "    sys.modules[name] = None  # import fails, as in the serving image\n"
-        "from convserve.client.cli import main\n"
+        "from convserve.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     port_file, log = tmp_path / "ports.json", tmp_path / "serve.log"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ def _documents(folder: Path) -> list[dict[str, Any]]:
 
 
 def _one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
-    (doc,) = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    (doc,) = [d for d in docs if d.get("kind") == kind and (name is None or d["metadata"]["name"] == name)]
     return doc
 
 
@@ -77,7 +78,8 @@ def test_the_validator_rejects_unknown_fields_and_wrong_types(deployment: dict[s
 def test_container_matches_the_image_and_the_server_settings(
     container: dict[str, Any], settings: Any, dockerfile: Any, compose: dict[str, Any]
 ) -> None:
-    assert container["image"] == compose["services"]["convserve"]["image"]
+    # compose names it `${CONVSERVE_IMAGE:-<default>}`: the default is the image both deploy.
+    assert f"${{CONVSERVE_IMAGE:-{container['image']}}}" == compose["services"]["convserve"]["image"]
     assert "command" not in container and "args" not in container  # the image's `convserve serve`
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": settings.grpc_port, "metrics": settings.metrics_port}
@@ -243,3 +245,77 @@ def test_inference_service_uses_the_runtime_over_v2_grpc(kserve: list[dict[str, 
     assert model["modelFormat"]["name"] in formats
     assert model["storageUri"].split("://")[0] in {"pvc", "s3", "gs", "https", "hdfs", "oci"}
     assert json.dumps(isvc).count("CONVSERVE_") == 0  # settings live in the runtime, not per service
+
+
+# ---- Prometheus Operator and the custom-metrics HPA ---------------------------------------------------
+
+OPERATOR = K8S / "prometheus-operator"
+
+
+@pytest.fixture(scope="module")
+def operator() -> list[dict[str, Any]]:
+    return _documents(OPERATOR)
+
+
+def test_service_monitor_scrapes_the_metrics_port_of_the_convserve_service_only(
+    k8s: list[dict[str, Any]], operator: list[dict[str, Any]], deployment: dict[str, Any]
+) -> None:
+    monitor = _one(operator, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    services = [s for s in k8s if s["kind"] == "Service"]
+    selected = [s for s in services if selector.items() <= s["metadata"]["labels"].items()]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    # Only Services that have the endpoint's named port are scraped: exactly one, so no pod twice.
+    scraped = [s for s in selected if endpoint["port"] in {p["name"] for p in s["spec"]["ports"]}]
+    assert [s["metadata"]["name"] for s in scraped] == ["convserve"]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert endpoint["path"] == annotations["prometheus.io/path"]  # the same endpoint both ways
+    (port,) = [p for p in scraped[0]["spec"]["ports"] if p["name"] == endpoint["port"]]
+    assert str(port["port"]) == annotations["prometheus.io/port"]
+    interval, timeout = (float(endpoint[k].rstrip("s")) for k in ("interval", "scrapeTimeout"))
+    assert 0 < timeout < interval
+
+
+def _server_families() -> dict[str, str]:
+    """Metric family name → type, as convserve's /metrics declares them."""
+    from convserve.server.metrics import Metrics
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    Metrics(registry)
+    return {family.name: family.type for family in registry.collect()}
+
+
+def test_custom_metrics_hpa_scales_on_cpu_request_rate_and_queue_time_served_by_the_adapter(
+    k8s: list[dict[str, Any]], operator: list[dict[str, Any]]
+) -> None:
+    hpa = _one(operator, "HorizontalPodAutoscaler")
+    _validate(hpa)
+    plain = _one(k8s, "HorizontalPodAutoscaler")
+    # A replacement for hpa.yaml, not a second HPA beside it: same name, same target, same bounds.
+    assert hpa["metadata"]["name"] == plain["metadata"]["name"]
+    for key in ("scaleTargetRef", "minReplicas", "maxReplicas", "behavior"):
+        assert hpa["spec"][key] == plain["spec"][key]
+    metrics = hpa["spec"]["metrics"]
+    assert plain["spec"]["metrics"][0] in metrics  # CPU as before
+    pods = {m["pods"]["metric"]["name"] for m in metrics if m["type"] == "Pods"}
+    assert pods == {"convserve_requests_per_second", "convserve_queue_wait_seconds"}
+
+    (adapter,) = [d for d in operator if "rules" in d]
+    served = {rule["name"]["as"]: rule for rule in adapter["rules"]}
+    assert pods <= served.keys()
+    families = _server_families()
+    assert families["convserve_requests"] == "counter"  # exposed as convserve_requests_total
+    assert families["convserve_queue_wait_seconds"] == "histogram"  # _sum and _count
+    for rule in served.values():
+        series = rule["seriesQuery"].split("{")[0]
+        assert re.fullmatch(rule["name"]["matches"], series)
+        # Every series a rule reads is one the server exports (counter _total; histogram _sum/_count).
+        for name in re.findall(r"\bconvserve_\w+", rule["metricsQuery"] + rule["seriesQuery"]):
+            base = re.sub(r"_(total|sum|count|bucket)$", "", name)
+            assert base in families, f"{name}: convserve exports no such series"
+        # Per-pod values: the Operator's namespace/pod labels map to the HPA's resources.
+        assert rule["resources"]["overrides"] == {
+            "namespace": {"resource": "namespace"}, "pod": {"resource": "pod"},
+        }  # fmt: skip

@@ -91,7 +91,7 @@ def _export(path: Path) -> Path:
 
 def _convserve(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "convserve.client.cli", *args], capture_output=True, text=True, timeout=180
+        [sys.executable, "-m", "convserve.cli", *args], capture_output=True, text=True, timeout=180
     )
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc as pb_grpc
-from convserve.server.app import child_env, loopback_command
+from convserve.testing import start_server_process
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,42 +55,10 @@ def convserve_server(
 ) -> Iterator[ServerProcess]:
     """`python -m convserve.server` on ephemeral loopback ports, JSON logs with the access log, to a file."""
     tmp = tmp_path_factory.mktemp("convserve")
-    port_file, log_path = tmp / "ports.json", tmp / "server.log"
-    cmd = loopback_command(
-        port_file, "--model-repository", str(model_repository), "--log-format", "json", "--access-log"
-    )
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=tmp)
-    try:
-        ports = _wait_for_port_file(proc, port_file, log_path, timeout=60.0)
-        address = f"127.0.0.1:{ports['grpc_port']}"
-        model, version, shape = _wait_for_model(address, timeout=60.0)
-        yield ServerProcess(
-            address, f"http://127.0.0.1:{ports['metrics_port']}/metrics", model, version, shape, log_path
-        )
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-def _wait_for_port_file(
-    proc: subprocess.Popen[bytes], path: Path, log: Path, timeout: float
-) -> dict[str, int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        if path.exists():
-            try:
-                return json.loads(path.read_text())
-            except ValueError:
-                pass  # written but not yet complete
-        time.sleep(0.05)
-    raise AssertionError(f"no port file after {timeout} s:\n{log.read_text()[-3000:]}")
+    flags = ["--model-repository", str(model_repository), "--log-format", "json", "--access-log"]
+    with start_server_process(flags, tmp, cwd=tmp, wait=False) as server:
+        model, version, shape = _wait_for_model(server.address, timeout=60.0)
+        yield ServerProcess(server.address, str(server.metrics_url), model, version, shape, server.log_path)
 
 
 def _wait_for_model(address: str, timeout: float) -> tuple[str, str, tuple[int, ...]]:

@@ -89,7 +89,7 @@ def test_triton_repository_serves_unchanged(
         text=True,
         timeout=120,
     )
-    assert done.returncode == 0, done.stderr + server.log()
+    assert done.returncode == 0, done.stderr + server.log_text()
     seen = json.loads(done.stdout)
 
     assert {(m["name"], m["state"]) for m in seen["index"]["models"]} == {
@@ -112,5 +112,5 @@ def test_triton_repository_serves_unchanged(
         for row, strings in zip(reference, seen[model]["top2"], strict=True):
             best = np.argsort(-row)[:2]
             assert [s.split(":", 2)[1:] for s in strings] == [[str(i), labels[i]] for i in best]
-    assert "not read by convserve" in server.log() and "model_warmup" in server.log()
+    assert "not read by convserve" in server.log_text() and "model_warmup" in server.log_text()
     assert server.stop() == 0

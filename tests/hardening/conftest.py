@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
-from convserve.server.app import child_env, loopback_command
+from convserve.testing import ServerProcess
+from convserve.testing import start_server_process as _start
 
 GRAY_LABELS = [f"class_{i}" for i in range(4)]
 
@@ -104,115 +102,9 @@ def normalized(pixels: np.ndarray, mean: float = 0.5, std: float = 0.25) -> np.n
 # ---- server subprocesses ----------------------------------------
 
 
-@dataclass
-class ServerProcess:
-    """A ``python -m convserve.server`` child process and the ports it reported."""
-
-    proc: subprocess.Popen[bytes]
-    port_file: Path
-    log_path: Path
-    grpc_port: int = 0
-    metrics_port: int | None = None
-    _log: Any = field(default=None, repr=False)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM, then SIGKILL past ``timeout``; the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return self.proc.returncode
-
-
-def wait_for_port_file(proc: subprocess.Popen[bytes], path: Path, deadline: float) -> dict[str, Any]:
-    while time.monotonic() < deadline:
-        if path.exists():
-            return json.loads(path.read_text())
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before writing {path}")
-        time.sleep(0.05)
-    raise TimeoutError(f"no port file {path} in time")
-
-
-def wait_serving(
-    address: str,
-    deadline: float,
-    credentials: grpc.ChannelCredentials | None = None,
-    options: list[tuple[str, Any]] | None = None,
-) -> None:
-    """Poll the standard health service until it says SERVING (against a monotonic deadline)."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    opts = options or []
-    channel = (
-        grpc.secure_channel(address, credentials, opts)
-        if credentials is not None
-        else grpc.insecure_channel(address, opts)
-    )
-    with channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"{address} not SERVING in time")
-            try:
-                reply = stub.Check(
-                    health_pb2.HealthCheckRequest(), timeout=min(left, 2.0), wait_for_ready=True
-                )
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-
-
-def start_server_process(
-    repo: Path,
-    workdir: Path,
-    *flags: str,
-    grpc_port: int = 0,
-    env: dict[str, str] | None = None,
-    wait: bool = True,
-    timeout: float = 60.0,
-    credentials: grpc.ChannelCredentials | None = None,
-    channel_options: list[tuple[str, Any]] | None = None,
-) -> ServerProcess:
-    """Start a server child process on 127.0.0.1 and wait until it reports its ports (and SERVING)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    stamp = f"{time.monotonic_ns()}"
-    port_file = workdir / f"ports-{stamp}.json"
-    log_path = workdir / f"server-{stamp}.log"
-    log = log_path.open("wb")
-    cmd = loopback_command(port_file, "--model-repository", str(repo), *flags, grpc_port=grpc_port)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(env))
-    sp = ServerProcess(proc, port_file, log_path, _log=log)
-    deadline = time.monotonic() + timeout
-    try:
-        ports = wait_for_port_file(proc, port_file, deadline)
-        sp.grpc_port, sp.metrics_port = int(ports["grpc_port"]), ports.get("metrics_port")
-        if wait:
-            wait_serving(sp.address, deadline, credentials, channel_options)
-    except BaseException:
-        sp.stop(5)
-        raise RuntimeError(f"server did not start: {sp.log_text()[-3000:]}") from None
-    return sp
+def start_server_process(repo: Path, workdir: Path, *flags: str, **kwargs: Any) -> ServerProcess:
+    """A server child on 127.0.0.1 serving ``repo`` (the shared harness; keyword arguments pass through)."""
+    return _start(["--model-repository", str(repo), *flags], workdir, **kwargs)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from convserve.client.cli import main
+from convserve.cli import main
 from convserve.models import data
 
 CONVSERVE = Path(sys.executable).with_name("convserve")

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from convserve.server.app import child_env, loopback_command, write_port_file
+from convserve.server.app import write_port_file
+from convserve.testing import child_env, loopback_command
 
 
 def _fifo(path: Path) -> Path:

@@ -84,7 +84,7 @@ def test_unknown_config_key(tmp_path: Path) -> None:
 
 def test_help_lists_every_setting() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "convserve.client.cli", "serve", "--help"],
+        [sys.executable, "-m", "convserve.cli", "serve", "--help"],
         capture_output=True,
         text=True,
         timeout=60,

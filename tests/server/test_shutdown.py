@@ -44,8 +44,8 @@ def test_provider_fallback_and_graceful_sigterm(
         "30",
     )
     # Seven model versions asked for cuda first; the fallback is announced once, naming what is used.
-    warnings = [line for line in server.log().splitlines() if "requested but not available" in line]
-    assert len(warnings) == 1, server.log()
+    warnings = [line for line in server.log_text().splitlines() if "requested but not available" in line]
+    assert len(warnings) == 1, server.log_text()
     assert "cuda, tensorrt" in warnings[0] and "falling back to CPUExecutionProvider" in warnings[0]
 
     x = np.random.default_rng(0).normal(size=(64, 3, 48, 48)).astype(np.float32)
@@ -98,7 +98,7 @@ def test_provider_fallback_and_graceful_sigterm(
             answered += 1
         assert answered >= accepted >= 2
     assert server.proc.wait(30) == 0
-    assert "stopped" in server.log()
+    assert "stopped" in server.log_text()
 
 
 def test_busy_port_fails_loudly(server: Any, model_repository: Path) -> None:

@@ -2,7 +2,8 @@
 
 Each area registers its own sub-commands (``add_commands(subparsers)``) and keeps heavy imports
 (torch, onnxruntime) inside the command functions, so ``convserve --help`` and the client
-commands work on the light base install.
+commands work on the light base install. This package sits above client/, server/ and models/
+(it gathers their commands), so none of them imports another to reach the command line.
 """
 
 from __future__ import annotations
@@ -11,13 +12,18 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from convserve.common.commands import CommandError, missing_extra
 
-class CommandError(Exception):
-    """A user-facing failure: printed as one ``error: ...`` line, exit status 1 (or ``exit_code``)."""
+__all__ = ["CommandError", "build_parser", "main"]
 
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("convserve")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,19 +32,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from convserve.client.commands import add_commands as add_client_commands
     from convserve.models.cli import add_commands as add_model_commands
     from convserve.server.cli import add_commands as add_server_commands
 
     parser = _Parser(prog="convserve", description="CNN image classification served over gRPC.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     add_server_commands(sub)
     add_model_commands(sub)
-    try:
-        from convserve.client.commands import add_commands as add_client_commands
-    except ImportError:  # the client commands land with the SDK
-        pass
-    else:
-        add_client_commands(sub)
+    add_client_commands(sub)
     return parser
 
 
@@ -46,7 +49,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        try:
+            return int(args.func(args) or 0)
+        except ModuleNotFoundError as exc:  # an extra this command needs is not installed
+            error = missing_extra(exc, args.command, getattr(args, "extra", None))
+            if error is None:
+                raise
+            raise error from None
     except CommandError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -59,10 +68,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         raise
-
-
-if __name__ == "__main__":
-    # Run the imported module, not __main__: its CommandError is the class the handlers raise.
-    from convserve.client.cli import main as _main
-
-    sys.exit(_main())

@@ -1,0 +1,257 @@
+"""A model's config: the one source of truth for its input spec, labels, preprocessing and batching.
+
+Each model folder holds ``config.json`` beside its numeric version folders::
+
+    model_repository/digits_lenet/config.json
+    model_repository/digits_lenet/1/model.onnx
+
+The export step writes it, the server reads it, and the evaluator uses it to preprocess exactly
+as the server does. Only the standard library is used so every extra can import it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.onnx"
+
+# Model names become metric labels and directory names: keep them to a safe alphabet. Always used with
+# fullmatch: "$" would also accept a trailing newline.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+DTYPES = ("float32",)
+LAYOUTS = ("NCHW",)
+COLOR_MODES = ("L", "RGB")
+OUTPUT_KINDS = ("logits", "probabilities")
+PROVIDERS = ("cuda", "tensorrt", "openvino", "cpu")
+
+
+class ModelConfigError(ValueError):
+    """The config file is missing, malformed, or contradicts itself."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The model input without its (dynamic) batch dimension."""
+
+    name: str = "input"
+    dtype: str = "float32"
+    shape: tuple[int, int, int] = (1, 28, 28)  # C, H, W
+    layout: str = "NCHW"
+
+    @property
+    def channels(self) -> int:
+        return self.shape[0]
+
+    @property
+    def height(self) -> int:
+        return self.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.shape[2]
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    name: str = "logits"
+    # "logits" get a softmax at postprocessing; "probabilities" are used as they are.
+    kind: str = "logits"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an encoded image becomes the input tensor: convert, resize, scale to [0, 1], normalize."""
+
+    color_mode: str = "L"
+    resize: tuple[int, int] = (28, 28)  # H, W
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which numeric versions to serve: the latest N, all, or a specific list."""
+
+    latest: int | None = 1
+    all: bool = False
+    specific: tuple[int, ...] = ()
+
+    def select(self, available: list[int]) -> list[int]:
+        ordered = sorted(available)
+        if self.specific:
+            return [v for v in ordered if v in self.specific]
+        if self.all:
+            return ordered
+        n = self.latest or 1
+        return ordered[-n:]
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Dynamic batching; None means "use the server-wide default"."""
+
+    enabled: bool = True
+    max_queue_delay_us: int | None = None
+    max_queue_size: int | None = None
+    preferred_batch_sizes: tuple[int, ...] = ()
+    instances: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    input: InputSpec = field(default_factory=InputSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    labels: tuple[str, ...] = ()
+    max_batch_size: int = 64
+    batching: Batching = field(default_factory=Batching)
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    # Ordered execution-provider preference; empty means the server-wide list.
+    execution_providers: tuple[str, ...] = ()
+    architecture: str = ""
+    platform: str = "onnxruntime_onnx"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def validate(self) -> ModelConfig:
+        """Raise ModelConfigError naming the first field that is wrong; return self."""
+        problems = _problems(self)
+        if problems:
+            raise ModelConfigError(f"model config '{self.name}': " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ModelConfigError(f"model config must be a JSON object, got {type(data).__name__}")
+        try:
+            cfg = cls(
+                name=str(data["name"]),
+                input=_build(InputSpec, data.get("input", {}), tuples=("shape",)),
+                output=_build(OutputSpec, data.get("output", {})),
+                preprocessing=_build(Preprocessing, data.get("preprocessing", {}),
+                                     tuples=("resize", "mean", "std")),
+                labels=tuple(str(x) for x in data.get("labels", ())),
+                max_batch_size=int(data.get("max_batch_size", 64)),
+                batching=_build(Batching, data.get("batching", {}), tuples=("preferred_batch_sizes",)),
+                version_policy=_build(VersionPolicy, data.get("version_policy", {}), tuples=("specific",)),
+                execution_providers=tuple(data.get("execution_providers", ())),
+                architecture=str(data.get("architecture", "")),
+                platform=str(data.get("platform", "onnxruntime_onnx")),
+            )
+        except KeyError as exc:
+            raise ModelConfigError(f"model config is missing required field {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise ModelConfigError(f"model config has a malformed field: {exc}") from None
+        return cfg.validate()
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return replace(self, **changes)
+
+
+def load_config(model_dir: Path) -> ModelConfig:
+    """Read and validate ``<model_dir>/config.json``; the folder name must equal the config's name."""
+    path = Path(model_dir) / CONFIG_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelConfigError(f"{path}: no {CONFIG_FILE} in model folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelConfigError(f"{path}: cannot read config: {exc}") from None
+    cfg = ModelConfig.from_dict(data)
+    if cfg.name != Path(model_dir).name:
+        raise ModelConfigError(f"{path}: name '{cfg.name}' differs from folder name '{Path(model_dir).name}'")
+    return cfg
+
+
+def write_config(model_dir: Path, cfg: ModelConfig) -> Path:
+    path = Path(model_dir) / CONFIG_FILE
+    path.write_text(json.dumps(cfg.validate().to_dict(), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def _build(kind: type, data: dict[str, Any], tuples: tuple[str, ...] = ()) -> Any:
+    if not isinstance(data, dict):
+        raise TypeError(f"{kind.__name__} must be an object, got {type(data).__name__}")
+    known = set(kind.__dataclass_fields__)
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown {kind.__name__} field(s) {sorted(unknown)}; known: {sorted(known)}")
+    values = {k: (tuple(v) if k in tuples and v is not None else v) for k, v in data.items()}
+    return kind(**values)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _problems(cfg: ModelConfig) -> list[str]:
+    p: list[str] = []
+    if not NAME_PATTERN.fullmatch(cfg.name):
+        p.append(f"name must match {NAME_PATTERN.pattern}, got {cfg.name!r}")
+    if cfg.input.dtype not in DTYPES:
+        p.append(f"input.dtype must be one of {DTYPES}, got {cfg.input.dtype!r}")
+    if cfg.input.layout not in LAYOUTS:
+        p.append(f"input.layout must be one of {LAYOUTS}, got {cfg.input.layout!r}")
+    if len(cfg.input.shape) != 3 or any(int(d) <= 0 for d in cfg.input.shape):
+        p.append(f"input.shape must be three positive dims (C, H, W), got {list(cfg.input.shape)}")
+    pre = cfg.preprocessing
+    if pre.color_mode not in COLOR_MODES:
+        p.append(f"preprocessing.color_mode must be one of {COLOR_MODES}, got {pre.color_mode!r}")
+    elif len(cfg.input.shape) == 3 and cfg.input.shape[0] != len(pre.color_mode):
+        p.append(f"preprocessing.color_mode {pre.color_mode!r} gives {len(pre.color_mode)} channel(s) "
+                 f"but input.shape has {cfg.input.shape[0]}")
+    if len(cfg.input.shape) == 3 and tuple(pre.resize) != tuple(cfg.input.shape[1:]):
+        p.append(f"preprocessing.resize {list(pre.resize)} must equal input H, W {list(cfg.input.shape[1:])}")
+    if len(pre.mean) != len(pre.color_mode) or len(pre.std) != len(pre.color_mode):
+        p.append(f"preprocessing.mean/std need one value per channel ({len(pre.color_mode)})")
+    # json.loads accepts NaN and Infinity: a NaN mean or an infinite/zero std would turn every input into
+    # NaN or a constant, and the model would answer nonsense while health says SERVING.
+    for i, m in enumerate(pre.mean):
+        if not _finite(m):
+            p.append(f"preprocessing.mean[{i}] must be a finite number, got {m!r}")
+    for i, s in enumerate(pre.std):
+        if not (_finite(s) and s > 0):
+            p.append(f"preprocessing.std[{i}] must be a finite number > 0, got {s!r}")
+    if cfg.output.kind not in OUTPUT_KINDS:
+        p.append(f"output.kind must be one of {OUTPUT_KINDS}, got {cfg.output.kind!r}")
+    if not cfg.labels:
+        p.append("labels must list one label per class")
+    if not 1 <= cfg.max_batch_size <= 4096:
+        p.append(f"max_batch_size must be in 1..4096, got {cfg.max_batch_size}")
+    b = cfg.batching
+    if b.max_queue_delay_us is not None and b.max_queue_delay_us < 0:
+        p.append("batching.max_queue_delay_us must be >= 0")
+    if b.max_queue_size is not None and b.max_queue_size < 1:
+        p.append("batching.max_queue_size must be >= 1")
+    if b.instances is not None and not 1 <= b.instances <= 64:
+        p.append("batching.instances must be in 1..64")
+    if any(not 1 <= s <= cfg.max_batch_size for s in b.preferred_batch_sizes):
+        p.append("batching.preferred_batch_sizes must lie in 1..max_batch_size")
+    vp = cfg.version_policy
+    if vp.latest is not None and vp.latest < 1:
+        p.append("version_policy.latest must be >= 1")
+    bad = [x for x in cfg.execution_providers if x not in PROVIDERS]
+    if bad:
+        p.append(f"execution_providers must be among {PROVIDERS}, got {bad}")
+    return p

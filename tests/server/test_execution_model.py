@@ -1,0 +1,273 @@
+"""The execution model's invariants (docs/DESIGN.md): big decodes never stall the loop, abandoned work stops,
+replies are bounded before they are built, the core serves without any transport, metrics cost little.
+
+Functional tests with generous bounds on a real server (or the real core), not timed micro-benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from convserve.protos.convserve.v1 import classifier_pb2 as pb
+from convserve.protos.convserve.v1 import classifier_pb2_grpc
+from convserve.protos.inference import grpc_service_pb2 as v2pb
+from convserve.server.batcher import BatchingPolicy
+from convserve.server.errors import InvalidInputError, ReplyTooLargeError
+from convserve.server.inference import (
+    EncodedImage,
+    InferenceCore,
+    InferenceRequest,
+    RequestedOutput,
+    TensorInput,
+)
+from convserve.server.metrics import Metrics
+from convserve.server.repository import ModelRepository
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from ..conftest import test_settings
+
+BIG = 64 * 1024 * 1024
+
+
+def _big_png(side: int = 4000) -> bytes:
+    """A side x side RGB PNG that compresses to a few hundred KB but decodes 16 Mpx of real work."""
+    rng = np.random.default_rng(0)
+    row = rng.integers(0, 256, size=(1, side, 3), dtype=np.uint8)
+    img = np.repeat(row, side, axis=0)  # identical rows: tiny once compressed, full cost to decode
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def big_png() -> bytes:
+    return _big_png()
+
+
+def _tensor(x: np.ndarray) -> pb.Image:
+    return pb.Image(tensor=pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=list(x.shape), data=x.tobytes()))
+
+
+GOOD = np.zeros((1, 1, 8, 8), np.float32)
+
+
+def test_flood_of_big_images_does_not_delay_health_or_small_requests(
+    server_factory: Any, big_png: bytes
+) -> None:
+    """Three clients send 16-Mpx PNGs back to back; health Checks and a small request stay fast."""
+    handle = server_factory(max_image_bytes=BIG, max_message_bytes=BIG)
+    stop = time.monotonic() + 4.0
+    big_done: list[int] = []
+    failures: list[BaseException] = []
+
+    def sender() -> None:
+        with grpc.insecure_channel(handle.address, options=[("grpc.max_send_message_length", BIG)]) as ch:
+            stub = classifier_pb2_grpc.ClassifierStub(ch)
+            while time.monotonic() < stop:
+                try:
+                    stub.Classify(
+                        pb.ClassifyRequest(model="rgb", images=[pb.Image(encoded=big_png)]), timeout=30
+                    )
+                    big_done.append(1)
+                except BaseException as exc:  # reported below
+                    failures.append(exc)
+                    return
+
+    threads = [threading.Thread(target=sender) for _ in range(3)]
+    for t in threads:
+        t.start()
+    health_s: list[float] = []
+    small_s: list[float] = []
+    try:
+        with grpc.insecure_channel(handle.address) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            stub = classifier_pb2_grpc.ClassifierStub(ch)
+            time.sleep(0.5)  # the senders are decoding now
+            while time.monotonic() < stop - 0.5:
+                t0 = time.perf_counter()
+                assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == 1
+                health_s.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                assert stub.Classify(pb.ClassifyRequest(model="gray", images=[_tensor(GOOD)]), timeout=10)
+                small_s.append(time.perf_counter() - t0)
+                time.sleep(0.02)
+    finally:
+        for t in threads:
+            t.join(60)
+    assert not failures, failures
+    assert big_done, "no big image was classified"
+    # The target is 250 ms at p99 (benchmarks/stall.py); on a shared 2-core box we allow 500 ms for the
+    # slowest. Decoding on the event loop stalls every call for whole decodes (measured: p50 0.5 s, max 1 s).
+    assert max(health_s) < 0.5, f"health Check took {max(health_s):.3f} s while big images decoded"
+    assert max(small_s) < 0.5, f"a small request took {max(small_s):.3f} s while big images decoded"
+    assert np.percentile(health_s, 50) < 0.1
+
+
+@pytest.mark.parametrize("how", ["deadline", "cancel"])
+def test_abandoned_request_stops_consuming_cpu(server_factory: Any, big_png: bytes, how: str) -> None:
+    """Twenty-four 16-Mpx images (seconds of decoding): once the deadline passes or the client cancels,
+    the server process stops burning CPU within a fraction of a second."""
+    handle = server_factory(max_image_bytes=BIG, max_message_bytes=BIG)
+    request = pb.ClassifyRequest(model="rgb", images=[pb.Image(encoded=big_png)] * 24)
+    with grpc.insecure_channel(handle.address, options=[("grpc.max_send_message_length", BIG)]) as ch:
+        stub = classifier_pb2_grpc.ClassifierStub(ch)
+        assert stub.Classify(pb.ClassifyRequest(model="rgb", images=[pb.Image(encoded=big_png)]), timeout=30)
+        if how == "deadline":
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Classify(request, timeout=0.4)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        else:
+            future = stub.Classify.future(request, timeout=30)
+            time.sleep(0.4)
+            assert future.cancel()
+        time.sleep(0.15)  # the 100 ms the issue allows, plus slack
+        cpu0 = time.process_time()  # this process hosts the server: every thread of it counts
+        time.sleep(1.0)
+        burned = time.process_time() - cpu0
+        # Decoding the rest would keep at least one core busy (0.5-2 s of CPU in this window on a shared box).
+        assert burned < 0.2, f"{burned:.2f} s of CPU spent in 1 s after the request was abandoned"
+        assert stub.Classify(pb.ClassifyRequest(model="gray", images=[_tensor(GOOD)]), timeout=10).results
+
+
+def test_duplicate_outputs_are_refused(v2: Any) -> None:
+    x = np.zeros((2, 1, 8, 8), np.float32)
+    inp = v2pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[2, 1, 8, 8])
+    out = v2pb.ModelInferRequest.InferRequestedOutputTensor
+    request = v2pb.ModelInferRequest(
+        model_name="gray", inputs=[inp], raw_input_contents=[x.tobytes()], outputs=[out(name="logits")] * 300
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        v2.ModelInfer(request, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "outputs: 'logits' is requested more than once" in err.value.details()
+    del request.outputs[1:]
+    assert list(v2.ModelInfer(request, timeout=10).outputs[0].shape) == [2, 4]
+
+
+def test_reply_over_the_message_limit_is_refused_before_the_model_runs(server_factory: Any) -> None:
+    handle = server_factory(max_message_bytes=20_000)
+    served = handle.running.repository.resolve("gray", 0)
+    pixels = np.zeros((280, 1, 8, 8), np.uint8)  # 18 KB in; top-4 strings for 280 images do not fit out
+    tensor = pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=list(pixels.shape), data=pixels.tobytes())
+    big = pb.ClassifyRequest(model="gray", top_k=4, images=[pb.Image(tensor=tensor)])
+    with grpc.insecure_channel(handle.address) as ch:
+        stub = classifier_pb2_grpc.ClassifierStub(ch)
+        before = served.stats.snapshot().execution_count
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Classify(big, timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "the reply for 280 images would be about" in err.value.details()
+        assert "over the largest message this server sends (20000 bytes)" in err.value.details()
+        assert served.stats.snapshot().execution_count == before  # refused before any work
+        reply = stub.Classify(pb.ClassifyRequest(model="gray", images=[_tensor(GOOD)]), timeout=10)
+        assert len(reply.results) == 1
+
+
+def _run_core(model_repository: Path, body: Any, metrics_enabled: bool = True) -> Any:
+    """Load the repository and run ``body(core, repository)`` on a fresh loop, with no server at all."""
+
+    async def main() -> Any:
+        settings = test_settings(model_repository)
+        metrics = Metrics(enabled=metrics_enabled)
+        repository = ModelRepository(model_repository, settings, metrics)
+        repository.scan()
+        await repository.load_all()
+        core = InferenceCore(repository, settings, metrics)
+        try:
+            return await body(core, repository)
+        finally:
+            core.close()
+            await repository.stop(1.0)
+
+    return asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_core_serves_without_a_transport_and_keeps_triton_style_stats(
+    model_repository: Path, encode_png: Any, run_reference: Any
+) -> None:
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3, 1, 8, 8)).astype(np.float32)
+    png = encode_png(np.full((8, 8), 200, np.uint8))
+
+    async def body(core: InferenceCore, repository: ModelRepository) -> None:
+        served = repository.resolve("gray", 1)
+        result = await core.infer(
+            InferenceRequest(
+                model="gray", version=1,
+                inputs=[TensorInput(x.tobytes(), "float32", x.shape, "t"), EncodedImage(png, "png")],
+                outputs=[RequestedOutput(classification=None), ],
+                deadline=time.monotonic() + 10, request_id="r1",
+            )
+        )  # fmt: skip
+        assert (result.model, result.version, result.images) == ("gray", 1, 4)
+        raw = result.outputs[0].raw
+        np.testing.assert_allclose(
+            raw[:3], run_reference(model_repository / "gray" / "1" / "model.onnx", x), rtol=1e-5, atol=1e-5
+        )
+        tensor = [TensorInput(x.tobytes(), "float32", x.shape)]
+        both = [RequestedOutput(), RequestedOutput(classification=2)]
+        with pytest.raises(InvalidInputError, match="requested more than once"):
+            await core.infer(InferenceRequest(model="gray", version=1, inputs=tensor, outputs=both))
+        core.max_reply_bytes = 100
+        with pytest.raises(ReplyTooLargeError):
+            await core.infer(InferenceRequest(model="gray", version=1, inputs=tensor))
+        snap = served.stats.snapshot()
+        assert (snap.success.count, snap.fail.count) == (1, 2)
+        assert snap.inference_count == 4 and snap.execution_count >= 1
+        assert snap.compute_input.count == 1 and snap.compute_output.count == 1
+        assert sum(b.compute_infer.count for b in snap.batch_stats) == snap.execution_count
+        assert snap.success.ns > 0 and snap.last_inference_ms > 0
+
+    _run_core(model_repository, body)
+
+
+def test_metrics_on_costs_little_over_metrics_off(model_repository: Path) -> None:
+    """Recording a request (Prometheus children + Triton-style counters) costs the core a few µs of CPU.
+
+    The target is metrics on vs off within 5% of the server's CPU per request, which benchmarks/run.py
+    measures end to end (≥ 400 µs per LeNet request there, most of it gRPC). Here the recording cost alone
+    is measured in the real core, interleaved rounds and medians, and must stay under 35 µs (generous for
+    a shared machine; measured ~10 µs): one recorder per version, no label lookups on the hot path."""
+    x = np.zeros((1, 1, 8, 8), np.float32)
+
+    def timed(enabled: bool) -> list[float]:
+        async def body(core: InferenceCore, repository: ModelRepository) -> list[float]:
+            request = InferenceRequest(model="gray", inputs=[TensorInput(x.tobytes(), "float32", x.shape)])
+            for _ in range(200):
+                await core.infer(request)
+            rounds = []
+            for _ in range(5):
+                t0 = time.process_time()
+                for _ in range(400):
+                    await core.infer(request)
+                rounds.append((time.process_time() - t0) / 400)
+            return rounds
+
+        return _run_core(model_repository, body, enabled)
+
+    on, off = [], []
+    for _ in range(2):  # interleaved, medians
+        on += timed(True)
+        off += timed(False)
+    extra_us = (float(np.median(on)) - float(np.median(off))) * 1e6
+    assert extra_us < 35, f"metrics add {extra_us:.1f} µs per request (on {np.median(on) * 1e6:.1f} µs)"
+
+
+def test_batching_policy_is_typed_frozen_and_validated_once() -> None:
+    policy = BatchingPolicy(max_batch_size=8, preferred_batch_sizes=(4, 2, 4))
+    assert policy.preferred_batch_sizes == (2, 4)
+    with pytest.raises(AttributeError):
+        policy.max_batch_size = 9  # type: ignore[misc]
+    with pytest.raises(ValueError, match=r"preferred_batch_sizes must lie in 1\.\.8, got \[9\]"):
+        BatchingPolicy(max_batch_size=8, preferred_batch_sizes=(9,))
+    with pytest.raises(ValueError, match="max_queue_size must be >= 1"):
+        BatchingPolicy(max_batch_size=8, max_queue_size=0)

@@ -1,0 +1,66 @@
+"""Package layering: client/ never imports server/ or models/; models/ may import the shared contract
+(convserve.common) but not the server; common/ imports none of them. Read from the source (every
+import statement, those inside functions included), so a lazy import counts too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# package folder → convserve packages its modules must never import
+FORBIDDEN = {
+    "client": {"convserve.server", "convserve.models", "convserve.cli", "convserve.testing"},
+    "models": {"convserve.server", "convserve.cli", "convserve.testing"},
+    "common": {
+        "convserve.client", "convserve.server", "convserve.models", "convserve.cli", "convserve.testing",
+    },
+    "server": {"convserve.models", "convserve.cli", "convserve.testing", "convserve.client"},
+}
+# The one known crossing, on purpose: training and evaluation run the server's own image_to_array so
+# that they preprocess exactly as serving does (models/data.py). It loads lazily, inside a function.
+ALLOWED = {"convserve.server.preprocess", "convserve.server.preprocess.image_to_array"}
+
+
+def imports(path: Path, package: str) -> set[str]:
+    """Absolute names of every module ``path`` imports (relative imports resolved within ``package``)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = f"convserve.{package}".split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1])
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module or ""
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_import_reader_sees_lazy_and_relative_imports(tmp_path: Path) -> None:
+    source = tmp_path / "m.py"
+    source.write_text("def f():\n    from ..server import app\n    import convserve.models.cli\n")
+    found = imports(source, "client")
+    assert "convserve.server.app" in found and "convserve.models.cli" in found
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_package_imports_only_what_its_layer_allows(package: str) -> None:
+    offences = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for name in sorted(imports(path, package)):
+            if name not in ALLOWED and any(name == f or name.startswith(f + ".") for f in FORBIDDEN[package]):
+                offences.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not offences, "\n".join(offences)
+
+
+def test_server_model_config_is_the_common_contract() -> None:
+    import convserve.common.model_config as contract
+    import convserve.server.model_config as legacy_name
+
+    assert legacy_name is contract  # one module, two names: no second copy of the contract
