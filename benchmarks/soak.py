@@ -395,7 +395,13 @@ class Report:
 
 
 async def _load(
-    address: str, kinds: list[Kind], concurrency: int, t_end: float, report: Report, seed: int
+    address: str,
+    kinds: list[Kind],
+    concurrency: int,
+    t_end: float,
+    report: Report,
+    seed: int,
+    stream_workers: int | None = None,
 ) -> None:
     channels = [
         grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
@@ -476,7 +482,9 @@ async def _load(
                 unexpected[f"stream answered {got} of {STREAM_MESSAGES}"] += 1
 
     try:
-        stream_workers = max(2, concurrency // 8)
+        if stream_workers is None:
+            stream_workers = max(2, concurrency // 8)
+        stream_workers = min(stream_workers, concurrency)
         await asyncio.gather(
             *(worker(w) for w in range(concurrency - stream_workers)),
             *(stream_worker(w) for w in range(stream_workers)),
@@ -523,6 +531,7 @@ def soak(
     interval: float = 1.0,
     seed: int = 0,
     max_log_mb_per_min: float = 1.0,
+    stream_workers: int | None = None,
 ) -> Report:
     spec = model_spec(repository, model)
     kinds = build_traffic(spec, seed=seed)
@@ -537,7 +546,7 @@ def soak(
                 t0 = time.monotonic()
                 t_end = t0 + duration
                 await asyncio.gather(
-                    _load(f"127.0.0.1:{grpc_port}", kinds, concurrency, t_end, report, seed),
+                    _load(f"127.0.0.1:{grpc_port}", kinds, concurrency, t_end, report, seed, stream_workers),
                     _sampler(proc.pid, t0, t_end, interval, samples, Path(tmp) / "server.log"),
                 )
 
@@ -678,6 +687,12 @@ def main(argv: list[str] | None = None) -> int:
         help="fail when the server log grows faster than this after warm-up (default 1.0)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the full report (with samples) here")
+    parser.add_argument(
+        "--stream-workers",
+        type=int,
+        default=None,
+        help="how many of the concurrent clients run streams (default concurrency/8, at least 2; 0 = none)",
+    )
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.concurrency < 1:
         parser.error("--duration must be > 0 and --concurrency >= 1")
@@ -690,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         args.interval,
         args.seed,
         args.max_log_mb_per_min,
+        args.stream_workers,
     )
     print(render(report))
     if args.json:
