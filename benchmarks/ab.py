@@ -44,7 +44,7 @@ def _convserve(
                   "grpc.aio.server = lambda *a, options=(), **k: _s(*a, options=[*options, *_o], **k); "
                   + "; ".join(pre) + "; sys.argv[0] = 'convserve'; "
                   "runpy.run_module('convserve.server', run_name='__main__')"]
-    cmd = [sys.executable, *launch, "--host", "127.0.0.1", "--grpc-port", "0",
+    cmd = [sys.executable, *launch, "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "-1",
            "--model-repository", str(repository), "--port-file", str(port_file),
            "--metrics-port", "-1", "--log-level", "WARNING", *extra]
     return _process(cmd, port_file, work / "servers.log")

@@ -1,4 +1,5 @@
-"""Closed-loop gRPC load generator: C requests in flight for a fixed time, run as its own process(es).
+"""Closed-loop load generator (gRPC, or the v2 REST API with ``--api rest``): C requests in flight for a
+fixed time, run as its own process(es).
 
 Requests are serialized once and sent as bytes (no per-call protobuf work in the client), and unary
 replies are not parsed, so the client spends as little of the shared CPU as a Python client can; the
@@ -26,7 +27,7 @@ import numpy as np
 from convserve.protos.convserve.v1 import classifier_pb2 as cpb
 from convserve.protos.inference import grpc_service_pb2 as vpb
 
-APIS = ("classify", "v2", "stream")
+APIS = ("classify", "v2", "stream", "rest")
 _CLASSIFIER = cpb.DESCRIPTOR.services_by_name["Classifier"].full_name
 _V2 = vpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 _MAX_MESSAGE = 256 * 1024 * 1024
@@ -88,6 +89,13 @@ def payload(load: Load, seed: int = 0) -> bytes:
                                                      shape=list(x.shape))
         return vpb.ModelInferRequest(model_name=load.model, inputs=[inp],
                                      raw_input_contents=[x.tobytes()]).SerializeToString()
+    if load.api == "rest":  # the binary-tensor extension: JSON header, then the raw tensor; binary reply
+        header = json.dumps({
+            "inputs": [{"name": load.input_name, "datatype": "FP32", "shape": list(x.shape),
+                        "parameters": {"binary_data_size": x.nbytes}}],
+            "parameters": {"binary_data_output": True},
+        }).encode()
+        return len(header).to_bytes(4, "little") + header + x.tobytes()
     raise ValueError(f"api must be one of {APIS}, got {load.api!r}")
 
 
@@ -100,6 +108,8 @@ def check_reply(load: Load, reply: bytes) -> None:
         if msg.error_code:
             raise RuntimeError(f"stream reply carries error {msg.error_code}: {msg.error_message}")
         n = len(msg.response.results)
+    elif load.api == "rest":
+        n = int(json.loads(reply)["outputs"][0]["shape"][0])
     else:
         r = vpb.ModelInferResponse.FromString(reply)
         n = int(r.outputs[0].shape[0]) if r.outputs else 0
@@ -210,8 +220,63 @@ async def _stream(load: Load, channel: grpc.aio.Channel, start: float, t_measure
     stream.cancel()
 
 
+async def _rest(
+    load: Load, target: str, start: float, t_measure: float, t_end: float, result: Result
+) -> None:
+    """``concurrency`` keep-alive HTTP connections, each posting the same binary-tensor body in a loop."""
+    import aiohttp
+
+    blob = payload(load)
+    n = int.from_bytes(blob[:4], "little")
+    body, headers = blob[4:], {"Inference-Header-Content-Length": str(n)}
+    url = f"http://{target}/v2/models/{load.model}/infer"
+    clock = time.perf_counter
+    connector = aiohttp.TCPConnector(limit=load.concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.post(url, data=body, headers=headers) as reply:
+            data = await reply.read()
+            if reply.status != 200:
+                raise RuntimeError(f"rest: HTTP {reply.status}: {data[:200]!r}")
+            check_reply(load, data[: int(reply.headers["Inference-Header-Content-Length"])])
+
+        async def worker() -> None:
+            while True:
+                t0 = clock()
+                if t0 >= t_end:
+                    return
+                async with session.post(url, data=body, headers=headers) as reply:
+                    await reply.read()
+                    status = reply.status
+                if status != 200:
+                    result.errors[f"HTTP_{status}"] = result.errors.get(f"HTTP_{status}", 0) + 1
+                    continue
+                t1 = clock()
+                if t_measure <= t1 <= t_end:
+                    result.latencies_us.append(int((t1 - t0) * 1e6))
+
+        while clock() < start:
+            await asyncio.sleep(min(0.05, start - clock()))
+        await asyncio.gather(*(worker() for _ in range(load.concurrency)))
+
+
+async def _generate_rest(load: Load, target: str, start_at: float) -> Result:
+    result = Result()
+    start = time.perf_counter() + max(0.0, start_at - time.time())
+    result.late_start = start_at < time.time()
+    t_measure = start + load.warmup
+    t_end = t_measure + load.duration
+    await asyncio.wait_for(_rest(load, target, start, t_measure, t_end, result),
+                           load.warmup + load.duration + 120 + max(0.0, start_at - time.time()))
+    result.requests = len(result.latencies_us)
+    result.images = result.requests * load.batch
+    result.seconds = load.duration
+    return result
+
+
 async def generate(load: Load, target: str, start_at: float) -> Result:
     """Connect, wait for ``start_at`` (epoch seconds), warm up, measure; the whole run is bounded."""
+    if load.api == "rest":
+        return await _generate_rest(load, target, start_at)
     options = [("grpc.max_send_message_length", _MAX_MESSAGE),
                ("grpc.max_receive_message_length", _MAX_MESSAGE)]
     result = Result()
@@ -246,7 +311,7 @@ def merge(results: list[Result]) -> Result:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--target", required=True, help="host:port of the gRPC server")
+    p.add_argument("--target", required=True, help="host:port of the gRPC server (of REST for --api rest)")
     p.add_argument("--api", choices=APIS, required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--input-name", default="input")

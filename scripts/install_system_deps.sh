@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Debian packages the tests drive for real: Prometheus (metrics checks), nginx (the local stack's gRPC
-# load balancer), HAProxy (checks the compose stack's balancer config) and openssl (test certificates
-# for TLS/mTLS). `make test-deploy` installs its own (docker.io, mmdebstrap) in its scripts.
+# load balancer), HAProxy (checks the compose stack's balancer config), openssl (test certificates
+# for TLS/mTLS) and curl (the README's REST examples, run by a test). `make test-deploy` installs its
+# own (docker.io, mmdebstrap) in its scripts.
 # Idempotent: installs only what is missing. Needs root (or sudo).
 set -euo pipefail
 need=()
@@ -9,6 +10,7 @@ command -v prometheus >/dev/null 2>&1 || [ -x /usr/bin/prometheus ] || need+=(pr
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 [ ${#need[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "install_system_deps: apt-get not found; install ${need[*]} with your package manager" >&2

@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from . import logging_setup
 from .health import Health
+from .http import HttpFrontEnd, start_http
 from .inference import InferenceCore
 from .interceptors import Edge, TokenAuthInterceptor, read_tokens
 from .memory import HeapTrimmer
@@ -32,6 +33,7 @@ from .metrics import Metrics
 from .repository import ModelRepository
 from .services import classify, inference_v2
 from .settings import Settings
+from .triton_metrics import TritonCollector
 
 log = logging.getLogger("convserve.server")
 
@@ -62,10 +64,15 @@ class RunningServer:
     core: InferenceCore
     grpc_port: int
     metrics_port: int | None
+    http: HttpFrontEnd | None = None  # the v2 REST front end, unless --http-port -1
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
     _poller: asyncio.Task[None] | None = None  # repository polling (hot reload), when configured
     _trimmer: HeapTrimmer | None = None  # returns freed heap to the OS after large messages
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     @property
     def address(self) -> str:
@@ -116,6 +123,8 @@ class RunningServer:
             )
         else:
             await self.edge.wait_quiet(DRAIN_QUIET_S, deadline)
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(max(0.0, deadline - time.monotonic()))
         await self.repository.stop(max(0.0, deadline - time.monotonic()))
         self.core.close()
@@ -153,6 +162,8 @@ async def start_server(
     """
     metrics = Metrics(registry, enabled=settings.metrics_enabled or registry is not None)
     repository = ModelRepository(settings.model_repository, settings, metrics)
+    if metrics.enabled and settings.triton_metrics:
+        metrics.registry.register(TritonCollector(repository))
     repository.scan()
     health = Health(SERVICE_NAMES)
     await health.start()
@@ -193,24 +204,33 @@ async def start_server(
         raise RuntimeError(f"could not bind gRPC to {address}")
     await server.start()
     metrics_port = None
+    http = None
     try:
+        if settings.http_enabled:
+            http = await start_http(settings, v2=v2, core=core, health=health, edge=edge, tokens=tokens)
         if settings.metrics_enabled:
             metrics_port = metrics.start_http_server(
                 settings.metrics_host or settings.host, settings.metrics_port
             )
     except BaseException:
+        if http is not None:
+            await http.stop()
         await server.stop(0)
         core.close()
         raise
-    running = RunningServer(server, settings, repository, metrics, health, edge, core, port, metrics_port)
+    running = RunningServer(
+        server, settings, repository, metrics, health, edge, core, port, metrics_port, http
+    )
     running._trimmer = trimmer
     trimmer.start()
     if settings.repository_poll_seconds > 0:
         running._poller = asyncio.create_task(repository.poll_forever(settings.repository_poll_seconds))
+    scheme = "https" if credentials else "http"
     log.info(
-        "gRPC listening on %s%s; metrics %s",
+        "gRPC listening on %s%s; REST %s; metrics %s",
         _bind_address(settings.host, port),
         " (TLS" + (", mTLS" if settings.tls_client_ca else "") + ")" if credentials else "",
+        f"{scheme}://{_bind_address(settings.host, http.port)}/v2" if http else "off",
         f"http://{settings.metrics_host or settings.host}:{metrics_port}/metrics" if metrics_port else "off",
     )
     if load_models:
@@ -229,7 +249,9 @@ def check_port_file(path: str | Path) -> None:
         raise ValueError(f"port file {path} exists and is not a regular file; refusing to replace it")
 
 
-def write_port_file(path: str | Path, grpc_port: int, metrics_port: int | None) -> None:
+def write_port_file(
+    path: str | Path, grpc_port: int, metrics_port: int | None, http_port: int | None = None
+) -> None:
     """Write the bound ports as JSON, atomically, so a reader never sees half a file.
 
     The temporary file is created exclusively (``mkstemp``: never through a planted symlink) beside
@@ -240,7 +262,8 @@ def write_port_file(path: str | Path, grpc_port: int, metrics_port: int | None) 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as out:
-            out.write(json.dumps({"grpc_port": grpc_port, "metrics_port": metrics_port, "pid": os.getpid()}))
+            ports = {"grpc_port": grpc_port, "http_port": http_port, "metrics_port": metrics_port}
+            out.write(json.dumps({**ports, "pid": os.getpid()}))
             out.write("\n")
         os.chmod(tmp, 0o644)
         check_port_file(path)  # narrows the window between the first check and the rename
@@ -264,7 +287,9 @@ async def _serve(settings: Settings) -> int:
         return 1
     if settings.port_file:
         try:
-            write_port_file(settings.port_file, running.grpc_port, running.metrics_port)
+            write_port_file(
+                settings.port_file, running.grpc_port, running.metrics_port, running.http_port
+            )
         except (OSError, ValueError) as exc:
             log.error("cannot write the port file: %s", exc)
             await running.stop(0)

@@ -8,6 +8,7 @@
     ├── QueueFullError             RESOURCE_EXHAUSTED batcher queue bound reached
     ├── TooManyImagesError         RESOURCE_EXHAUSTED image count (or decoded pixels) over the limit
     ├── ReplyTooLargeError         RESOURCE_EXHAUSTED the reply would exceed the largest message sent
+    ├── RequestTooLargeError       RESOURCE_EXHAUSTED an HTTP body over the largest message accepted (413)
     ├── DeadlineExpiredError       DEADLINE_EXCEEDED deadline passed while queued; never run
     ├── UnauthenticatedError       UNAUTHENTICATED   missing or wrong token
     ├── PermissionDeniedError      PERMISSION_DENIED model control disabled
@@ -62,6 +63,10 @@ class ReplyTooLargeError(ConvserveServerError):
     reason = "reply_too_large"
 
 
+class RequestTooLargeError(ConvserveServerError):
+    reason = "request_too_large"
+
+
 class DeadlineExpiredError(ConvserveServerError):
     reason = "deadline_exceeded"
 
@@ -86,6 +91,7 @@ STATUS_BY_ERROR: dict[type[ConvserveServerError], grpc.StatusCode] = {
     QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     TooManyImagesError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ReplyTooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    RequestTooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExpiredError: grpc.StatusCode.DEADLINE_EXCEEDED,
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
@@ -136,6 +142,8 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.CANCELLED: 499,
     grpc.StatusCode.INTERNAL: 500,
 }
+# Where HTTP has a more precise word than the status above (a body too big is 413, not 429).
+HTTP_STATUS_BY_REASON: dict[str, int] = {RequestTooLargeError.reason: 413}
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +157,7 @@ class Failure:
 
     @property
     def http_status(self) -> int:
-        return HTTP_STATUS.get(self.code, 500)
+        return HTTP_STATUS_BY_REASON.get(self.reason) or HTTP_STATUS.get(self.code, 500)
 
 
 def failure(exc: BaseException, request_id: str = "") -> Failure:

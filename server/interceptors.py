@@ -86,6 +86,15 @@ def require_message(request: Any) -> None:
         )
 
 
+def bind_call(call: CallInfo) -> contextvars.Token[CallInfo | None]:
+    """Make ``call`` the current call of this task (the REST edge does what the gRPC wrapper does)."""
+    return _current.set(call)
+
+
+def unbind_call(token: contextvars.Token[CallInfo | None]) -> None:
+    _current.reset(token)
+
+
 def current_call() -> CallInfo:
     """The CallInfo of the RPC running in this task (a fresh anonymous one outside an RPC)."""
     call = _current.get()
@@ -206,14 +215,20 @@ class Edge:
         self.last_call = time.monotonic()
         return call
 
-    def _refuse_if_draining(self) -> None:
+    def refuse_if_draining(self) -> None:
+        """Raise DrainingError once shutdown began (every front end refuses new work the same way)."""
         if self.health.draining:
             raise DrainingError(
                 "server is shutting down and accepts no new requests; "
                 "retry on another replica or after restart"
             )
 
-    def _exit(self) -> None:
+    def begin(self) -> None:
+        """A call from another front end (REST) started: drain waits for it too."""
+        self.in_flight += 1
+
+    def end(self) -> None:
+        """A call counted by ``begin`` (or the gRPC wrapper) finished."""
         self.in_flight -= 1
         if self.in_flight == 0 and self._idle is not None:
             self._idle.set()
@@ -252,7 +267,7 @@ class Edge:
             token = _current.set(call)
             try:
                 if refuse:
-                    self._refuse_if_draining()
+                    self.refuse_if_draining()
                 require_message(request)
                 return await fn(request, context)
             except asyncio.CancelledError:
@@ -263,7 +278,7 @@ class Edge:
                 await self._fail(context, exc, call, start)
             finally:
                 _current.reset(token)
-                self._exit()
+                self.end()
                 self._access(call, code, start, context)
 
         unary.__name__ = fn.__name__
@@ -284,7 +299,7 @@ class Edge:
             responses: AsyncIterator[Any] | None = None
             try:
                 if refuse:
-                    self._refuse_if_draining()
+                    self.refuse_if_draining()
                 responses = fn(request, context)
                 async for response in responses:
                     await context.write(response)
@@ -295,7 +310,7 @@ class Edge:
                 code = status_for(exc).name
                 await self._fail(context, exc, call, start)
             finally:
-                self._exit()
+                self.end()
                 _current.reset(token)
                 self._access(call, code, start, context)
                 if responses is not None:
@@ -316,6 +331,22 @@ def read_tokens(path: str | Path) -> tuple[bytes, ...]:
     return tokens
 
 
+def bearer_valid(value: str | bytes | None, tokens: Sequence[bytes]) -> bool:
+    """Whether an ``authorization`` value is ``Bearer <one of tokens>`` (gRPC metadata or HTTP header)."""
+    if value is None:
+        return False
+    text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+    scheme, _, token = text.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    given = token.strip().encode("latin-1", "replace")
+    # Compare against every token so the time taken does not reveal which prefix matched.
+    ok = False
+    for expected in tokens:
+        ok |= hmac.compare_digest(given, expected)
+    return ok
+
+
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Require ``authorization: Bearer <token>`` on every call except health checks (probes have no token)."""
 
@@ -326,16 +357,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     def _authorized(self, metadata: Sequence[tuple[str, Any]] | None) -> bool:
         for key, value in metadata or ():
             if key == "authorization":
-                text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
-                scheme, _, token = text.partition(" ")
-                if scheme.lower() != "bearer":
-                    return False
-                given = token.strip().encode("latin-1", "replace")
-                # Compare against every token so the time taken does not reveal which prefix matched.
-                ok = False
-                for expected in self._tokens:
-                    ok |= hmac.compare_digest(given, expected)
-                return ok
+                return bearer_valid(value, self._tokens)
         return False
 
     async def intercept_service(

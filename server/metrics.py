@@ -19,10 +19,13 @@ nothing at all and is what the metrics-off benchmark runs.
 from __future__ import annotations
 
 import platform
+import socket
+import socketserver
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 import prometheus_client
@@ -56,7 +59,7 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
-API_NAMES: tuple[str, ...] = ("classify", "v2")
+API_NAMES: tuple[str, ...] = ("classify", "v2", "rest")
 STAGES: tuple[str, ...] = ("queue", "preprocess", "inference", "postprocess")
 MODEL_STATES: tuple[str, ...] = ("loading", "ready", "failed", "unloading")
 _CODES = frozenset(code.name for code in grpc.StatusCode)
@@ -430,10 +433,20 @@ class Metrics:
 
     # -- exposition ---------------------------------------------------------------------------------------
     def start_http_server(self, host: str, port: int) -> int:
-        """Serve /metrics from a daemon thread (off the gRPC event loop); returns the bound port."""
+        """Serve /metrics (and nothing else: other paths answer 404) from a daemon thread, off the event
+        loop; returns the bound port."""
         if self._http is not None:
             raise RuntimeError("the metrics endpoint is already running")
-        server, thread = prometheus_client.start_http_server(port, addr=host, registry=self.registry)
+
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+        class Server(_ThreadingWSGIServer):
+            address_family = family
+
+        app = _metrics_only(prometheus_client.make_wsgi_app(self.registry))
+        server = make_server(host, port, app, Server, handler_class=_QuietHandler)
+        thread = threading.Thread(target=server.serve_forever, name="convserve-metrics", daemon=True)
+        thread.start()
         self._http, self._http_thread = server, thread
         return int(server.server_port)
 
@@ -455,3 +468,26 @@ class Metrics:
     def known_models(self) -> Iterable[tuple[str, str]]:
         """The (model, version) pairs allowed as label values."""
         return frozenset(self._known)
+
+
+class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No stderr line per scrape: requests are not worth a log line here."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+def _metrics_only(app: Callable[..., Any]) -> Callable[..., Any]:
+    """The exposition at /metrics; 404 elsewhere, so a probe of another path never reads as healthy."""
+
+    def serve(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ.get("PATH_INFO") == "/metrics":
+            return app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found: this port serves only /metrics (the v2 REST API has its own port)\n"]
+
+    return serve

@@ -48,10 +48,13 @@ class Settings:
     # Network
     host: str = _s("0.0.0.0", "interface the gRPC port binds (0.0.0.0 = all; tests use 127.0.0.1)")
     grpc_port: int = _s(8001, "gRPC port (0 = ephemeral; the bound port goes to --port-file)")
+    http_port: int = _s(
+        8000, "v2 HTTP/REST port, Triton's and KServe's REST protocol (0 = ephemeral, -1 = disabled)"
+    )
     metrics_host: str = _s("", "interface for the HTTP /metrics endpoint (empty = same as --host)")
     metrics_port: int = _s(8002, "HTTP /metrics port (0 = ephemeral, -1 = disabled, same as --no-metrics)")
     port_file: str = _s(
-        "", 'write the bound ports as JSON {"grpc_port": .., "metrics_port": ..} to this file'
+        "", 'write the bound ports as JSON {"grpc_port", "http_port", "metrics_port"} to this file'
     )
     # Models and ONNX Runtime
     model_repository: str = _s(
@@ -111,6 +114,10 @@ class Settings:
     log_level: str = _s("INFO", f"log level: {'|'.join(LOG_LEVELS)}")
     log_format: str = _s("text", f"log line format: {'|'.join(LOG_FORMATS)}")
     access_log: bool = _s(False, "log one line per request (method, model, code, duration, request id)")
+    # Metrics
+    triton_metrics: bool = _s(
+        True, "also export Triton's nv_inference_* families on /metrics, so Triton dashboards work unchanged"
+    )
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -123,6 +130,10 @@ class Settings:
         return self.metrics_port >= 0
 
     @property
+    def http_enabled(self) -> bool:
+        return self.http_port >= 0
+
+    @property
     def tls_enabled(self) -> bool:
         return bool(self.tls_cert)
 
@@ -132,8 +143,9 @@ def _validate(s: Settings) -> None:
     for name in ("grpc_port",):
         if not 0 <= getattr(s, name) <= 65535:
             problems.append(f"{name} must be in 0..65535, got {getattr(s, name)}")
-    if not -1 <= s.metrics_port <= 65535:
-        problems.append(f"metrics_port must be -1 (off) or 0..65535, got {s.metrics_port}")
+    for name in ("metrics_port", "http_port"):
+        if not -1 <= getattr(s, name) <= 65535:
+            problems.append(f"{name} must be -1 (off) or 0..65535, got {getattr(s, name)}")
     bad = [p for p in s.execution_providers if p not in PROVIDERS]
     if bad or not s.execution_providers:
         problems.append(

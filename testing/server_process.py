@@ -37,13 +37,13 @@ class ServerStartError(RuntimeError):
 
 
 def loopback_command(
-    port_file: str | Path, *flags: str, grpc_port: int = 0, metrics_port: int = 0
+    port_file: str | Path, *flags: str, grpc_port: int = 0, metrics_port: int = 0, http_port: int = 0
 ) -> list[str]:
     """``python -m convserve.server`` on 127.0.0.1 reporting its bound ports in ``port_file``
-    (0 = ephemeral, -1 = no metrics); ``flags`` are further ``convserve serve`` flags."""
+    (0 = ephemeral, -1 = off: no metrics, no REST); ``flags`` are further ``convserve serve`` flags."""
     return [
         sys.executable, "-m", "convserve.server", "--host", "127.0.0.1",
-        "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+        "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
         "--port-file", str(port_file), *flags,
     ]  # fmt: skip
 
@@ -72,11 +72,16 @@ class ServerProcess:
     log_path: Path
     grpc_port: int = 0
     metrics_port: int | None = None
+    http_port: int | None = None  # the v2 REST port; None when the server runs without it
     _log: IO[bytes] | None = field(default=None, repr=False)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str | None:
+        return None if self.http_port is None else f"http://127.0.0.1:{self.http_port}"
 
     @property
     def metrics_url(self) -> str | None:
@@ -151,6 +156,7 @@ def start_server_process(
     *,
     grpc_port: int = 0,
     metrics_port: int = 0,
+    http_port: int = 0,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     wait: bool = True,
@@ -166,7 +172,9 @@ def start_server_process(
     port_file = workdir / f"ports-{stamp}.json"
     log_path = workdir / f"server-{stamp}.log"
     log = log_path.open("wb")
-    cmd = loopback_command(port_file, *flags, grpc_port=grpc_port, metrics_port=metrics_port)
+    cmd = loopback_command(
+        port_file, *flags, grpc_port=grpc_port, metrics_port=metrics_port, http_port=http_port
+    )
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(env), cwd=cwd)
     server = ServerProcess(proc, port_file, log_path, _log=log)
     deadline = time.monotonic() + timeout
@@ -178,6 +186,7 @@ def start_server_process(
                 raise ServerStartError(f"no port file within {timeout} s")
             time.sleep(0.05)
         server.grpc_port, server.metrics_port = int(ports["grpc_port"]), ports.get("metrics_port")
+        server.http_port = ports.get("http_port")
         if wait:
             wait_serving(server.address, deadline, credentials, channel_options, proc)
     except BaseException as exc:

@@ -244,6 +244,15 @@ class ServerHandle:
     def metrics_port(self) -> int | None:
         return self.running.metrics_port
 
+    @property
+    def http_port(self) -> int | None:
+        return self.running.http_port
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the v2 REST front end, e.g. ``http://127.0.0.1:PORT``."""
+        return f"http://127.0.0.1:{self.running.http_port}"
+
     def call(self, coro: Any, timeout: float = 30.0) -> Any:
         """Run a coroutine on the server's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -299,6 +308,7 @@ def test_settings(model_repository: Path, **overrides: Any) -> Any:
     values: dict[str, Any] = {
         "host": "127.0.0.1",
         "grpc_port": 0,
+        "http_port": 0,
         "metrics_port": 0,
         "model_repository": str(model_repository),
         "drain_grace_seconds": 2.0,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import struct
 from collections.abc import AsyncIterator
 
 import grpc
@@ -39,6 +38,7 @@ from ..metrics import Metrics
 from ..model_config import ModelConfig
 from ..repository import ModelRepository, parse_version
 from ..settings import Settings
+from ..v2_tensors import classification_strings, deserialize_bytes, serialize_bytes
 from .common import deadline_of, stream_replies
 from .triton_extensions import SERVED as TRITON_EXTENSIONS
 from .triton_extensions import TritonExtensions
@@ -193,13 +193,9 @@ def _reply(result: InferenceResult, request_id: str) -> pb.ModelInferResponse:
     for out in result.outputs:
         if out.raw is None:
             indices, scores = out.indices, out.scores
-            strings = [
-                f"{p:f}:{i}:{labels[i]}".encode()
-                for row_i, row_p in zip(indices.tolist(), scores.tolist(), strict=False)  # type: ignore[union-attr]
-                for i, p in zip(row_i, row_p, strict=False)
-            ]
+            strings = [s.encode() for s in classification_strings(indices, scores, labels)]  # type: ignore[arg-type]
             response.outputs.add(name=out.name, datatype="BYTES", shape=list(indices.shape))  # type: ignore[union-attr]
-            response.raw_output_contents.append(_serialize_bytes(strings))
+            response.raw_output_contents.append(serialize_bytes(strings))
         else:
             response.outputs.add(name=out.name, datatype="FP32", shape=list(out.raw.shape))
             response.raw_output_contents.append(np.ascontiguousarray(out.raw, dtype="<f4").tobytes())
@@ -234,7 +230,7 @@ def _inputs(request: pb.ModelInferRequest, cfg: ModelConfig) -> list[Input]:
         data = raw[0] if raw else np.asarray(inp.contents.fp32_contents, dtype="<f4").tobytes()
         return [TensorInput(data, "float32", shape, where)]
     if inp.datatype == "BYTES":
-        blobs = _deserialize_bytes(raw[0], where) if raw else list(inp.contents.bytes_contents)
+        blobs = deserialize_bytes(raw[0], where) if raw else list(inp.contents.bytes_contents)
         if not blobs:
             raise InvalidInputError(f"{where}: expected at least one encoded image, got none")
         if shape not in ((len(blobs),), (len(blobs), 1)):
@@ -290,28 +286,3 @@ def _requested_outputs(request: pb.ModelInferRequest) -> tuple[RequestedOutput, 
         wanted.append(RequestedOutput(out.name, k or None, where))
     return tuple(wanted)
 
-
-def _serialize_bytes(items: list[bytes]) -> bytes:
-    """BYTES tensor wire form: each element as a 4-byte little-endian length, then its bytes."""
-    return b"".join(struct.pack("<I", len(b)) + b for b in items)
-
-
-def _deserialize_bytes(raw: bytes, where: str) -> list[bytes]:
-    items: list[bytes] = []
-    view = memoryview(raw)
-    pos = 0
-    while pos < len(view):
-        if pos + 4 > len(view):
-            raise InvalidInputError(
-                f"{where}: BYTES raw contents end inside a 4-byte length prefix at offset {pos}"
-            )
-        (size,) = struct.unpack_from("<I", view, pos)
-        pos += 4
-        if pos + size > len(view):
-            raise InvalidInputError(
-                f"{where}: BYTES element at offset {pos - 4} claims {size} bytes, "
-                f"only {len(view) - pos} remain"
-            )
-        items.append(bytes(view[pos : pos + size]))
-        pos += size
-    return items

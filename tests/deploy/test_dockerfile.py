@@ -289,6 +289,8 @@ def test_serve_and_health_work_without_the_train_extra(model_repository: Path, t
         "127.0.0.1",
         "--grpc-port",
         "0",
+        "--http-port",
+        "0",
         "--metrics-port",
         "0",
         "--port-file",

@@ -429,6 +429,10 @@ def test_prometheus_reads_latency_quantiles_and_request_rate_matching_the_client
     )
     assert [float(s["value"][1]) for s in state] == [1.0]
 
+    # Triton's names are scraped too, with Triton's labels, and count the same successful requests.
+    nv = f'sum(nv_inference_request_success{{model="{server.model}",version="{server.version}"}})'
+    assert _wait_for(prometheus, nv, base + 1 + load.ok, timeout=15) == base + 1 + load.ok
+
     # Every dashboard expression parses, evaluates and returns data in Prometheus. A 1 m window holds the
     # whole run (load and the NOT_FOUND requests), however late a starved machine's scrapes came.
     empty = [e for e in dashboard_expressions() if not prometheus.query(promql_for_prometheus(e, "1m"))]

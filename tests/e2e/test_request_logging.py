@@ -133,3 +133,43 @@ def test_access_log_off_logs_only_failures(server: Any, log_stream: Any) -> None
     lines = records(stream, lambda rs: any(r.get("event") == "request_failed" for r in rs))
     assert [r["event"] for r in lines if "event" in r] == ["request_failed"]
     assert lines[-1]["code"] == "INVALID_ARGUMENT"
+
+
+def test_rest_requests_write_the_same_access_and_failure_lines(server: Any, log_stream: Any) -> None:
+    import urllib.error
+    import urllib.request
+
+    stream = log_stream(access_log=True)
+    x = np.random.default_rng(1).random((3, 1, 8, 8), dtype=np.float32)
+
+    def post(body: dict[str, Any], rid: str) -> int:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.http_port}/v2/models/{MODEL}/infer",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", ls.REQUEST_ID_KEY: rid},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                assert reply.headers[ls.REQUEST_ID_KEY] == rid
+                return reply.status
+        except urllib.error.HTTPError as exc:
+            assert exc.headers[ls.REQUEST_ID_KEY] == rid
+            return exc.code
+
+    good = {
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [3, 1, 8, 8], "data": x.ravel().tolist()}]
+    }
+    assert post(good, "rest-ok-1") == 200
+    bad = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 2, 2], "data": [0.0] * 4}]}
+    assert post(bad, "rest-bad-1") == 400
+    lines = records(
+        stream, lambda rs: sum(r.get("request_id") in ("rest-ok-1", "rest-bad-1") for r in rs) >= 3
+    )
+    (ok,) = [r for r in lines if r.get("request_id") == "rest-ok-1"]
+    assert ok["event"] == "access" and ok["code"] == "OK" and ok["images"] == 3
+    assert ok["method"] == "POST /v2/models/{model}/infer" and ok["model"] == MODEL and ok["version"] == "2"
+    failed = [r for r in lines if r.get("request_id") == "rest-bad-1"]
+    (line,) = [r for r in failed if r["event"] == "request_failed"]
+    assert line["code"] == "INVALID_ARGUMENT" and line["reason"] == "invalid_input" and "exc" not in line
+    assert "expected shape [1, 8, 8]" in line["error"] and line["model"] == MODEL
+    assert [r["code"] for r in failed if r["event"] == "access"] == ["INVALID_ARGUMENT"]

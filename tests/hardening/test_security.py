@@ -251,3 +251,32 @@ def test_server_code_never_unpickles() -> None:
         if forbidden.search(line)
     ]
     assert not hits, hits
+
+
+def test_rest_port_has_the_same_tls_and_mtls(server_factory: Any, tls_material: Any) -> None:
+    """REST is never the plaintext way in: the gRPC port's certificates and client CA apply to it too."""
+    import http.client
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    t = tls_material
+    srv = server_factory(**_tls_settings(t, mtls=True))
+    url = f"https://127.0.0.1:{srv.http_port}/v2/models/gray/ready"
+
+    def status(ctx: ssl.SSLContext | None, target: str = url) -> int:
+        with urllib.request.urlopen(target, timeout=10, context=ctx) as reply:
+            return reply.status
+
+    good = ssl.create_default_context(cafile=str(t.ca_cert))
+    good.load_cert_chain(str(t.client_cert), str(t.client_key))
+    assert status(good) == 200
+    no_cert = ssl.create_default_context(cafile=str(t.ca_cert))
+    rogue = ssl.create_default_context(cafile=str(t.ca_cert))
+    rogue.load_cert_chain(str(t.rogue_cert), str(t.rogue_key))
+    for ctx in (no_cert, rogue):
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError, http.client.HTTPException)):
+            status(ctx)
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        status(None, url.replace("https://", "http://"))  # plaintext to the TLS port
+    assert status(good) == 200

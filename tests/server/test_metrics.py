@@ -266,6 +266,21 @@ def test_http_endpoint_serves_metrics_on_an_ephemeral_port_and_stops(metrics: Me
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
 
 
+def test_metrics_port_serves_metrics_only_and_404_elsewhere(metrics: Metrics) -> None:
+    """A probe of /v2/health/ready (or anything else) on the metrics port must not read as healthy."""
+    port = metrics.start_http_server("127.0.0.1", 0)
+    try:
+        for path in ("/", "/v2/health/ready", "/metricsx", "/metrics/extra"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5)
+            assert err.value.code == 404, path
+            assert b"serves only /metrics" in err.value.read()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics?x=1", timeout=5) as reply:
+            assert reply.status == 200 and b"convserve_model_state" in reply.read()
+    finally:
+        metrics.stop()
+
+
 def test_recording_costs_microseconds_per_request(metrics: Metrics) -> None:
     """A loose guard against a hot-path regression (a .labels() lookup per call); the benchmark measures."""
     n = 2000

@@ -42,9 +42,11 @@ NON_REGULAR: dict[str, tuple[Callable[[Path], Path], Callable[[int], bool]]] = {
 def test_writes_a_regular_file_atomically(tmp_path: Path) -> None:
     path = tmp_path / "ports.json"
     path.write_text("old contents\n")
-    write_port_file(path, 1234, None)
+    write_port_file(path, 1234, None, 4321)
     assert stat.S_ISREG(os.lstat(path).st_mode)
-    assert json.loads(path.read_text()) == {"grpc_port": 1234, "metrics_port": None, "pid": os.getpid()}
+    assert json.loads(path.read_text()) == {
+        "grpc_port": 1234, "http_port": 4321, "metrics_port": None, "pid": os.getpid()
+    }  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ports.json"]  # no temporary file left behind
 
 

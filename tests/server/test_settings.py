@@ -65,6 +65,8 @@ def test_precedence(tmp_path: Path) -> None:
         ({"env": {"CONVSERVE_ACCESS_LOG": "maybe"}}, "environment CONVSERVE_ACCESS_LOG"),
         ({"env": {"CONVSERVE_EXECUTION_PROVIDERS": "gpu"}}, "execution_providers must be a non-empty list"),
         ({"flags": {"metrics_port": "-5"}}, "metrics_port must be -1 (off) or 0..65535, got -5"),
+        ({"flags": {"http_port": "70000"}}, "http_port must be -1 (off) or 0..65535, got 70000"),
+        ({"env": {"CONVSERVE_TRITON_METRICS": "sometimes"}}, "environment CONVSERVE_TRITON_METRICS"),
         ({"flags": {"tls_cert": "c.pem"}}, "tls_cert and tls_key must be given together"),
         ({"flags": {"log_format": "xml"}}, "log_format must be one of"),
     ],

@@ -1,0 +1,73 @@
+"""Start and stop the REST front end: an aiohttp server in the gRPC server's own event loop."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from ..health import Health
+from ..inference import InferenceCore
+from ..interceptors import Edge
+from ..services.inference_v2 import InferenceService
+from ..settings import Settings
+from .edge import RestEdge
+from .routes import Routes
+
+__all__ = ["HttpFrontEnd", "start_http"]
+
+# Seconds aiohttp waits for handlers at stop: the server's drain has already waited for in-flight calls
+# (they count in the edge), so what is left is over the grace period and is cancelled promptly.
+_CLEANUP_S = 0.5
+
+
+@dataclass
+class HttpFrontEnd:
+    """A running REST front end and the port it bound."""
+
+    runner: web.AppRunner
+    port: int
+
+    async def stop(self) -> None:
+        """Close the listener and every connection; handlers still running are cancelled."""
+        await self.runner.cleanup()
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The gRPC port's TLS (and mTLS) settings for HTTPS, so REST is never the plaintext way in."""
+    if not settings.tls_enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.tls_client_ca:
+        ctx.load_verify_locations(settings.tls_client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+async def start_http(
+    settings: Settings,
+    *,
+    v2: InferenceService,
+    core: InferenceCore,
+    health: Health,
+    edge: Edge,
+    tokens: Sequence[bytes],
+) -> HttpFrontEnd:
+    """Bind ``settings.host:settings.http_port`` (0 = ephemeral) and serve; raises OSError when busy."""
+    limit = settings.max_message_bytes
+    app = web.Application(middlewares=[RestEdge(edge, tokens).middleware], client_max_size=limit)
+    Routes(v2, core, health, limit).add_to(app)
+    # handler_cancellation: a client that disconnects cancels its handler, and so its work in the core.
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=_CLEANUP_S)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.http_port, ssl_context=ssl_context(settings))
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    port = int(runner.addresses[0][1])
+    return HttpFrontEnd(runner, port)
