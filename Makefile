@@ -43,10 +43,14 @@ protos: venv
 lint: venv
 	$(BIN)/ruff check .
 
-# Reproduce the bundled digits model (trained on scikit-learn's digits, exported to model_repository/).
-train: venv
-	$(BIN)/convserve train --arch lenet --data digits --seed 0 --out runs/digits_lenet
+# Reproduce the bundled digits model (scikit-learn's digits + printed digits from the training fonts, exported
+# to model_repository/) and its dense baseline for `convserve robustness` (exported to runs/baselines/).
+# One thread: reproducible weights on any machine, and no slowdown when other jobs share the cores.
+train: venv system-deps
+	$(BIN)/convserve train --arch lenet --data digits-synth --seed 0 --threads 1 --no-progress --out runs/digits_lenet
 	$(BIN)/convserve export --checkpoint runs/digits_lenet/checkpoint.pt --name digits_lenet --version 1 --repository model_repository --force
+	$(BIN)/convserve train --arch mlp --data digits-synth --seed 0 --threads 1 --no-progress --out runs/digits_mlp
+	$(BIN)/convserve export --checkpoint runs/digits_mlp/checkpoint.pt --name digits_mlp --version 1 --repository runs/baselines --force
 
 bench: venv
 	$(BIN)/python -m benchmarks.run

@@ -27,6 +27,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DTYPES = ("float32",)
 LAYOUTS = ("NCHW",)
 COLOR_MODES = ("L", "RGB")
+POLARITIES = ("as_is", "auto")
 OUTPUT_KINDS = ("logits", "probabilities")
 PROVIDERS = ("cuda", "tensorrt", "openvino", "cpu")
 
@@ -66,12 +67,19 @@ class OutputSpec:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an encoded image becomes the input tensor: convert, resize, scale to [0, 1], normalize."""
+    """How an encoded image becomes the input tensor: convert, (normalize the ink), resize, scale to [0, 1],
+    normalize. The two ink fields default to off, so configs written before them mean what they meant."""
 
     color_mode: str = "L"
     resize: tuple[int, int] = (28, 28)  # H, W
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
+    # "auto": an image whose border is brighter than mid-gray (dark ink on paper) is inverted, so the model
+    # always sees light ink on a dark background. "as_is" leaves pixels alone. Grayscale ("L") only.
+    polarity: str = "as_is"
+    # MNIST's normalisation: scale the ink (its mass-robust bounding box) to fit this many pixels, keeping the
+    # aspect ratio, and centre it by its centre of mass in the resize window. None = plain resize. "L" only.
+    fit_ink: int | None = None
 
 
 @dataclass(frozen=True)
@@ -233,6 +241,13 @@ def _problems(cfg: ModelConfig) -> list[str]:
     for i, s in enumerate(pre.std):
         if not (_finite(s) and s > 0):
             p.append(f"preprocessing.std[{i}] must be a finite number > 0, got {s!r}")
+    if pre.polarity not in POLARITIES:
+        p.append(f"preprocessing.polarity must be one of {POLARITIES}, got {pre.polarity!r}")
+    if pre.fit_ink is not None and not 1 <= pre.fit_ink <= min(pre.resize):
+        p.append(f"preprocessing.fit_ink must be in 1..{min(pre.resize)} (the resize window), "
+                 f"got {pre.fit_ink}")
+    if (pre.polarity != "as_is" or pre.fit_ink is not None) and pre.color_mode != "L":
+        p.append(f"preprocessing.polarity/fit_ink need color_mode 'L', got {pre.color_mode!r}")
     if cfg.output.kind not in OUTPUT_KINDS:
         p.append(f"output.kind must be one of {OUTPUT_KINDS}, got {cfg.output.kind!r}")
     if not cfg.labels:

@@ -23,8 +23,9 @@ def add_commands(subparsers: Any) -> None:
                     "seeded independently of --seed) so `convserve evaluate` sees the same images.")
     p.add_argument("--arch", default="lenet", help="architecture name (see `convserve archs`); default lenet")
     p.add_argument("--data", default="digits",
-                   help="'digits' (scikit-learn's 1,797 handwritten digits) or 'imagefolder:PATH' "
-                        "(one sub-folder of JPEG/PNG images per class); default digits")
+                   help="'digits' (scikit-learn's 1,797 handwritten digits), 'digits-synth' (those plus "
+                        "printed digits from the training fonts and redrawn scans: the bundled model's data) "
+                        "or 'imagefolder:PATH' (one sub-folder of JPEG/PNG images per class); default digits")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder for checkpoint.pt and the PNG plots; default runs/<data>_<arch>")
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling, augmentation")
@@ -40,6 +41,10 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--max-shift", type=int, default=None,
                    help="augmentation: random shifts of up to this many pixels; default input-size/14; "
                         "0 = off")
+    p.add_argument("--fit-ink", type=int, default=None,
+                   help="grayscale preprocessing as MNIST: detect polarity, fit the ink into an N-pixel box, "
+                        "centre it by mass (written to the model's config, so the server does the same); "
+                        "default 20 for digits-synth, else off; 0 = off")
     p.add_argument("--device", default=None, help="torch device; default cuda when available, else cpu")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (fixed for reproducibility); default min(4, CPU count)")
@@ -65,12 +70,44 @@ def add_commands(subparsers: Any) -> None:
                     "on the held-out test split used by `convserve train`, or on a whole image folder.")
     p.add_argument("--model-dir", type=Path, required=True, help="e.g. model_repository/digits_lenet")
     p.add_argument("--version", type=int, default=None, help="default: the highest version present")
-    p.add_argument("--data", default="digits", help="'digits' or 'imagefolder:PATH'; default digits")
+    p.add_argument("--data", action="append", default=None,
+                   help="'digits', 'digits-synth', 'fonts-unseen', 'digits-mnist-style' or "
+                        "'imagefolder:PATH'; repeat to report several side by side; default digits")
+    p.add_argument("--generalisation", action="store_true",
+                   help="report the in-distribution split beside the held-out sets: the same as --data "
+                        "digits --data digits-mnist-style --data fonts-unseen")
     p.add_argument("--split", choices=("test", "all"), default="test",
                    help="'test' = the held-out split training never saw (default); 'all' = every image")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text (a list for several sets)")
+    p.add_argument("--samples", type=Path, default=None, metavar="PNG",
+                   help="also draw 12 images of each set, as sent and as the model sees them, into this PNG")
     p.set_defaults(func=_evaluate, extra="train")
+
+    p = subparsers.add_parser(
+        "robustness", help="accuracy of exported models under shifts, scales and rotations; table and PNG",
+        description="The seed's priors, measured: each model's accuracy as its input tensor (after "
+                    "preprocessing) is shifted, scaled and rotated. Give the CNN and a dense baseline "
+                    "(e.g. --arch mlp, trained the same way) to compare them on identical inputs.")
+    p.add_argument("--model-dir", type=Path, action="append", required=True,
+                   help="a model folder, e.g. model_repository/digits_lenet; repeat for each model")
+    p.add_argument("--data", default="digits", help="data source as for evaluate; default digits")
+    p.add_argument("--split", choices=("test", "all"), default="test", help="default: the held-out split")
+    p.add_argument("--out", type=Path, default=Path("robustness.png"), help="PNG to write; default "
+                                                                             "robustness.png")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.set_defaults(func=_robustness, extra="train")
+
+    p = subparsers.add_parser(
+        "inspect", help="draw a model's first-layer kernels and an image's feature maps as a PNG",
+        description="Reads the exported model.onnx (BatchNorm folded in: the kernels the server applies), "
+                    "runs the image through the server's preprocessing and the graph, and draws the input, "
+                    "the first convolution's kernels and up to 16 feature maps after each conv and pool.")
+    p.add_argument("--model-dir", type=Path, required=True, help="e.g. model_repository/digits_lenet")
+    p.add_argument("--image", type=Path, required=True, help="an image file (PNG, JPEG, ...)")
+    p.add_argument("--version", type=int, default=None, help="default: the highest version present")
+    p.add_argument("--out", type=Path, default=Path("inspect.png"), help="PNG to write; default inspect.png")
+    p.set_defaults(func=_inspect, extra="train")
 
     p = subparsers.add_parser(
         "archs", help="list architectures with parameter counts and FLOPs",
@@ -91,6 +128,8 @@ def _train(args: argparse.Namespace) -> int:
         raise CommandError(f"--lr must be positive, got {args.lr}")
     if args.max_shift is not None and args.max_shift < 0:
         raise CommandError(f"--max-shift must be >= 0, got {args.max_shift}")
+    if args.fit_ink is not None and args.fit_ink < 0:
+        raise CommandError(f"--fit-ink must be >= 0, got {args.fit_ink}")
     _check_arch(args.arch)
     try:
         dataset = data.load_dataset(args.data)
@@ -103,7 +142,8 @@ def _train(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, lr=3e-3 if args.lr is None else args.lr, width=args.width,
             color_mode=args.color or dataset.fixed_color or "RGB", input_size=args.input_size or 28,
             max_shift=args.max_shift, device=args.device, threads=args.threads,
-            progress=not args.no_progress)
+            progress=not args.no_progress,
+            fit_ink=(args.fit_ink or None) if args.fit_ink is not None else dataset.default_fit_ink)
         result = train.train(dataset, options, out)
     except (data.DataError, train.TrainError) as exc:
         raise CommandError(str(exc)) from None
@@ -143,15 +183,66 @@ def _evaluate(args: argparse.Namespace) -> int:
     from . import data, evaluate
 
     _check_positive(batch_size=args.batch_size)
+    specs = list(args.data or [])
+    if args.generalisation:
+        specs += [s for s in evaluate.GENERALISATION_SETS if s not in specs]
+    specs = specs or ["digits"]
     try:
-        result = evaluate.evaluate_model_dir(args.model_dir, args.data, version=args.version,
-                                             split=args.split, batch_size=args.batch_size)
+        results = [evaluate.evaluate_model_dir(args.model_dir, spec, version=args.version, split=args.split,
+                                               batch_size=args.batch_size) for spec in specs]
+        if args.samples is not None:
+            evaluate.plot_samples(args.model_dir, specs, args.samples, version=args.version)
     except (data.DataError, evaluate.EvaluateError) as exc:
         raise CommandError(str(exc)) from None
+    except OSError as exc:
+        raise CommandError(f"cannot write {args.samples}: {exc.strerror or exc}") from None
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        dicts = [r.to_dict() for r in results]
+        print(json.dumps(dicts[0] if len(dicts) == 1 else dicts, indent=2))
+    elif len(results) == 1:
+        print(evaluate.format_report(results[0]))
     else:
-        print(evaluate.format_report(result))
+        print(evaluate.format_summary(results))
+    return 0
+
+
+def _robustness(args: argparse.Namespace) -> int:
+    from . import data, evaluate, robustness
+
+    try:
+        result = robustness.measure(args.model_dir, args.data, split=args.split)
+    except (data.DataError, evaluate.EvaluateError) as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        robustness.plot(result, args.out)
+    except OSError as exc:
+        raise CommandError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+    print(json.dumps(result.to_dict(), indent=2) if args.json else robustness.format_table(result))
+    if not args.json:
+        print(f"plot: {args.out}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from convserve.server.errors import InvalidInputError
+
+    from . import evaluate, inspection
+
+    if not args.image.is_file():
+        raise CommandError(f"--image {args.image}: no such file")
+    try:
+        result = inspection.inspect_model(args.model_dir, args.image, version=args.version)
+    except (evaluate.EvaluateError, InvalidInputError) as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        inspection.plot(result, args.out)
+    except OSError as exc:
+        raise CommandError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+    top = int(result.probabilities.argmax())
+    n, _, kh, kw = result.kernels.shape
+    print(f"{args.image}: {result.labels[top]} ({result.probabilities[top]:.1%}); "
+          f"{n} first-layer kernels of {kh}x{kw}, "
+          f"{len(result.layers)} layers of feature maps → {args.out}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Training and evaluation data: scikit-learn's digits or a folder-per-class image tree, with one fixed split.
+"""Training and evaluation data: scikit-learn's digits (alone, with synthesised variation, or redrawn as
+held-out generalisation sets) or a folder-per-class image tree, each with one fixed split.
 
 Images stay as Pillow images until ``to_arrays`` turns them into model input with
 ``convserve.server.preprocess.image_to_array`` — the function the server runs — so training,
@@ -42,6 +43,10 @@ class ImageDataset:
     load: Callable[[int], Image.Image]
     fixed_color: str | None = None  # "L" when the source is grayscale by nature (digits)
     default_epochs: int = 20
+    # (train, test) indices when the source defines its own split (synthetic training data only ever on the
+    # train side; a held-out set wholly on the test side); None → split_indices(labels).
+    split: tuple[np.ndarray, np.ndarray] | None = None
+    default_fit_ink: int | None = None  # the preprocessing's ink box unless --fit-ink says otherwise
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -51,34 +56,126 @@ class ImageDataset:
             yield self.load(int(i))
 
     def subset(self, indices: Sequence[int]) -> ImageDataset:
-        """The same classes restricted to ``indices`` (quick runs and tests)."""
+        """The same classes restricted to ``indices`` (quick runs and tests); the split is recomputed."""
         chosen = np.asarray(indices, dtype=np.int64)
-        return replace(self, labels=self.labels[chosen], load=lambda i: self.load(int(chosen[i])))
+        return replace(self, labels=self.labels[chosen], load=lambda i: self.load(int(chosen[i])), split=None)
+
+    def train_test(self) -> tuple[np.ndarray, np.ndarray]:
+        """(train indices, test indices): the source's own split, else the fixed stratified one."""
+        return self.split if self.split is not None else split_indices(self.labels)
+
+
+# --data values that name built-in sources, with what each one is (for help texts and errors).
+BUILTIN_SOURCES = {
+    "digits": "scikit-learn's 1,797 8x8 handwritten digits",
+    "digits-synth": "digits plus synthesised variation: printed digits from the training fonts and the "
+                    "training scans redrawn (the bundled model's training data)",
+    "fonts-unseen": "held out: printed digits from font families never trained on, under transformations "
+                    "never trained with",
+    "digits-mnist-style": "held out: the digits' test split drawn as MNIST draws digits (20x20 in 28x28, "
+                          "thick pen, blur)",
+}
 
 
 def load_dataset(spec: str) -> ImageDataset:
-    """Parse a ``--data`` value: ``digits`` or ``imagefolder:PATH``. Raises DataError."""
+    """Parse a ``--data`` value: a name in BUILTIN_SOURCES or ``imagefolder:PATH``. Raises DataError."""
     if spec == "digits":
         return load_digits()
+    if spec == "digits-synth":
+        return load_digits_synth()
+    if spec == "fonts-unseen":
+        return load_fonts_unseen()
+    if spec == "digits-mnist-style":
+        return load_digits_mnist_style()
     if spec.startswith(IMAGEFOLDER_PREFIX):
         path = spec[len(IMAGEFOLDER_PREFIX):]
         if not path:
             raise DataError("--data imagefolder: needs a path, e.g. imagefolder:./my_images")
         return load_imagefolder(Path(path))
-    raise DataError(f"unknown data source {spec!r}; expected 'digits' or 'imagefolder:PATH'")
+    names = ", ".join(repr(name) for name in BUILTIN_SOURCES)
+    raise DataError(f"unknown data source {spec!r}; expected one of {names} or 'imagefolder:PATH'")
 
 
-def load_digits() -> ImageDataset:
-    """scikit-learn's 1,797 8x8 handwritten digits (values 0..16) as 8-bit grayscale, white ink on black."""
+DIGIT_CLASSES = tuple(str(d) for d in range(10))
+SCAN_COPIES = 10  # redrawn variants of each training scan in digits-synth
+FONT_SAMPLES = 8_000  # printed digits in digits-synth: 88 font files x 10 digits x about 9
+
+
+def _digit_pixels() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits as sk_load_digits
 
     bunch = sk_load_digits()
     # 0..16 → 0..255, rounded: the images a user would save as 8-bit PNGs of these digits.
     pixels = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)  # (N, 8, 8)
-    labels = np.asarray(bunch.target, dtype=np.int64)
+    return pixels, np.asarray(bunch.target, dtype=np.int64)
+
+
+def load_digits() -> ImageDataset:
+    """scikit-learn's 1,797 8x8 handwritten digits (values 0..16) as 8-bit grayscale, white ink on black."""
+    pixels, labels = _digit_pixels()
     return ImageDataset(
-        source="digits", short_name="digits", class_names=tuple(str(d) for d in range(10)), labels=labels,
+        source="digits", short_name="digits", class_names=DIGIT_CLASSES, labels=labels,
         load=lambda i: Image.fromarray(pixels[i], mode="L"), fixed_color="L", default_epochs=15)
+
+
+def load_digits_synth(scan_copies: int = SCAN_COPIES, font_samples: int = FONT_SAMPLES) -> ImageDataset:
+    """The digits, then ``scan_copies`` redrawn variants of each training-side scan, then ``font_samples``
+    printed digits from the training fonts. The test side is exactly the digits' held-out split, so
+    ``evaluate --data digits`` and training report the same in-distribution images; every synthetic image is
+    on the train side, and none is made from a held-out scan. Raises DataError when fonts are missing."""
+    from . import fonts, synth
+
+    pixels, digit_labels = _digit_pixels()
+    n = len(digit_labels)
+    train_scans, test_scans = split_indices(digit_labels)
+    try:
+        font_files = fonts.train_fonts() if font_samples else ()
+    except fonts.FontsMissingError as exc:
+        raise DataError(f"digits-synth: {exc}") from None
+    scan_sources = np.repeat(train_scans, scan_copies)  # variant k of scan i at n + k-th slot
+    font_labels = np.arange(font_samples, dtype=np.int64) % 10
+    labels = np.concatenate([digit_labels, digit_labels[scan_sources], font_labels])
+
+    def load(i: int) -> Image.Image:
+        if i < n:
+            return Image.fromarray(pixels[i], mode="L")
+        if i < n + len(scan_sources):
+            return synth.scan_digit(pixels[scan_sources[i - n]], i - n)
+        return synth.font_digit(i - n - len(scan_sources), font_files)[0]
+
+    train = np.concatenate([train_scans, np.arange(n, len(labels))])
+    return ImageDataset(
+        source="digits-synth", short_name="digits", class_names=DIGIT_CLASSES, labels=labels, load=load,
+        fixed_color="L", default_epochs=8, split=(train, test_scans),
+        default_fit_ink=20)
+
+
+def load_fonts_unseen(size: int | None = None) -> ImageDataset:
+    """The unseen-fonts generalisation set (see generalisation.py); all of it is test data."""
+    from . import fonts, generalisation
+
+    try:
+        font_files = fonts.unseen_fonts()
+    except fonts.FontsMissingError as exc:
+        raise DataError(f"fonts-unseen: {exc}") from None
+    count = generalisation.UNSEEN_SIZE if size is None else size
+    labels = np.arange(count, dtype=np.int64) % 10
+    return ImageDataset(
+        source="fonts-unseen", short_name="fonts_unseen", class_names=DIGIT_CLASSES, labels=labels,
+        load=lambda i: generalisation.unseen_font_digit(i, font_files)[0], fixed_color="L",
+        split=(np.empty(0, np.int64), np.arange(count)))
+
+
+def load_digits_mnist_style() -> ImageDataset:
+    """The digits' held-out scans drawn in MNIST's style (see generalisation.py); all of it is test data."""
+    from . import generalisation
+
+    pixels, labels = _digit_pixels()
+    _, test = split_indices(labels)
+    return ImageDataset(
+        source="digits-mnist-style", short_name="digits_mnist_style", class_names=DIGIT_CLASSES,
+        labels=labels[test], load=lambda i: generalisation.mnist_style(pixels[test[i]]), fixed_color="L",
+        split=(np.empty(0, np.int64), np.arange(len(test))))
 
 
 def load_imagefolder(root: Path) -> ImageDataset:
@@ -148,18 +245,21 @@ def split_indices(labels: np.ndarray, test_fraction: float = TEST_FRACTION,
 
 
 def model_config_for(dataset: ImageDataset, name: str, color_mode: str, input_size: int,
-                     architecture: str = "") -> ModelConfig:
+                     architecture: str = "", fit_ink: int | None = None) -> ModelConfig:
     """The config a model trained on ``dataset`` is served with: input spec, preprocessing, labels.
 
-    Pixels are scaled to [-1, 1] (mean = std = 0.5 per channel). The export sets name and batch size.
+    Pixels are scaled to [-1, 1] (mean = std = 0.5 per channel). With ``fit_ink`` (grayscale only) the ink
+    is normalised as MNIST did — polarity detected, ink fitted into a ``fit_ink`` box, centred by mass —
+    by the server too, since it reads the same config. The export sets name and batch size.
     """
     channels = len(color_mode)
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip("_.-")[:64] or "model"
+    ink = {"polarity": "auto", "fit_ink": fit_ink} if fit_ink is not None else {}
     return ModelConfig(
         name=safe,
         input=InputSpec(shape=(channels, input_size, input_size)),
         preprocessing=Preprocessing(color_mode=color_mode, resize=(input_size, input_size),
-                                    mean=(0.5,) * channels, std=(0.5,) * channels),
+                                    mean=(0.5,) * channels, std=(0.5,) * channels, **ink),
         labels=dataset.class_names, architecture=architecture).validate()
 
 

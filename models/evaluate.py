@@ -16,6 +16,10 @@ from convserve.common.model_config import MODEL_FILE, ModelConfig, ModelConfigEr
 
 from . import data as datamod
 
+# `evaluate --generalisation`: the in-distribution split first, then the sets made from data and
+# transformations the bundled model never trained on (data.BUILTIN_SOURCES says what each is).
+GENERALISATION_SETS = ("digits", "digits-mnist-style", "fonts-unseen")
+
 
 class EvaluateError(RuntimeError):
     """The model entry cannot be evaluated on this data; the message says why in one line."""
@@ -68,9 +72,9 @@ def evaluate_model_dir(model_dir: Path, data_spec: str, *, version: int | None =
         raise EvaluateError(str(exc)) from None
     version, onnx_path = resolve_version(model_dir, version)
     dataset = datamod.load_dataset(data_spec)
-    to_model = _label_map(dataset, cfg)
+    to_model = label_map(dataset, cfg)
     if split == "test":
-        indices = datamod.split_indices(dataset.labels)[1]
+        indices = dataset.train_test()[1]
     elif split == "all":
         indices = np.arange(len(dataset))
     else:
@@ -100,7 +104,7 @@ def evaluate_model_dir(model_dir: Path, data_spec: str, *, version: int | None =
                       per_class_accuracy=per_class, seconds=seconds)
 
 
-def _label_map(dataset: datamod.ImageDataset, cfg: ModelConfig) -> np.ndarray:
+def label_map(dataset: datamod.ImageDataset, cfg: ModelConfig) -> np.ndarray:
     """Dataset class index → model output index, matched by label name (folder order need not agree)."""
     position = {label: i for i, label in enumerate(cfg.labels)}
     missing = [name for name in dataset.class_names if name not in position]
@@ -119,3 +123,54 @@ def format_report(result: EvalResult) -> str:
         "per class: " + "  ".join(f"{label}={acc:.3f}" for label, acc in result.per_class_accuracy.items()),
     ]
     return "\n".join(lines)
+
+
+def format_summary(results: list[EvalResult]) -> str:
+    """Several data sets side by side: one row each, accuracy first."""
+    first = results[0]
+    width = max(len(r.data) for r in results)
+    lines = [f"model {first.model} version {first.version}",
+             f"{'data':<{width}}  {'split':<5}  {'accuracy':>8}  {'correct':>11}  worst class"]
+    for r in results:
+        worst = min(r.per_class_accuracy.items(), key=lambda kv: kv[1])
+        lines.append(f"{r.data:<{width}}  {r.split:<5}  {r.accuracy * 100:>7.2f}%  "
+                     f"{f'{r.correct}/{r.total}':>11}  {worst[0]} ({worst[1] * 100:.1f}%)")
+    return "\n".join(lines)
+
+
+def plot_samples(model_dir: Path, data_specs: list[str], path: Path, per_set: int = 12,
+                 version: int | None = None) -> Path:
+    """A PNG showing, for each data source, ``per_set`` images spread evenly over its test side: as sent
+    (top row) and as the model sees them after preprocessing (bottom row), titled truth → prediction,
+    red where wrong. Why: a figure tells what a held-out set is far better than its description."""
+    import onnxruntime as ort
+
+    from .plots import _figure
+
+    model_dir = Path(model_dir)
+    try:
+        cfg = load_config(model_dir)
+    except ModelConfigError as exc:
+        raise EvaluateError(str(exc)) from None
+    _, onnx_path = resolve_version(model_dir, version)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    fig = _figure(per_set * 0.9 + 0.5, 2.1 * len(data_specs) + 0.4)
+    for panel, spec in zip(np.atleast_1d(fig.subfigures(len(data_specs), 1)), data_specs, strict=True):
+        dataset = datamod.load_dataset(spec)
+        test = dataset.train_test()[1]
+        picks = test[np.linspace(0, len(test) - 1, min(per_set, len(test))).round().astype(int)]
+        x = datamod.to_arrays(dataset, picks, cfg)
+        predicted = np.argmax(session.run([cfg.output.name], {cfg.input.name: x})[0], axis=1)
+        axes = panel.subplots(2, per_set)
+        for col, (i, seen, guess) in enumerate(zip(picks, x, predicted, strict=True)):
+            truth = dataset.class_names[dataset.labels[i]]
+            axes[0, col].imshow(dataset.load(int(i)).convert("L"), cmap="gray", vmin=0, vmax=255)
+            axes[1, col].imshow(seen.mean(axis=0), cmap="gray")
+            axes[0, col].set_title(f"{truth}→{cfg.labels[guess]}", fontsize=8,
+                                   color="black" if cfg.labels[guess] == truth else "red")
+        for ax in axes.ravel():
+            ax.set_axis_off()
+        panel.suptitle(f"{dataset.source}: as sent (top), as the model sees it (bottom)", x=0.01, ha="left",
+                       fontsize=9)
+    fig.savefig(path)
+    return Path(path)

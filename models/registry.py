@@ -37,6 +37,8 @@ class Architecture:
     input_size: tuple[int, int]
     # Smallest square input the network accepts; tests build at this size to stay fast.
     min_input_size: int
+    # False for the dense baseline (no convolution, no pooling) that robustness compares the CNNs with.
+    convolutional: bool = True
 
 
 _REGISTRY: dict[str, Architecture] = {}
@@ -51,6 +53,7 @@ def register(
     input_size: int | tuple[int, int] = 224,
     min_input_size: int = 32,
     description: str = "",
+    convolutional: bool = True,
 ) -> Callable[[Builder], Builder]:
     """Decorator: add ``builder(*, in_channels, num_classes, input_size, width, **options)`` under ``name``.
 
@@ -69,6 +72,7 @@ def register(
             num_classes=num_classes,
             input_size=_size(input_size),
             min_input_size=min_input_size,
+            convolutional=convolutional,
         )
         return builder
 

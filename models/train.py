@@ -46,6 +46,7 @@ class TrainOptions:
     color_mode: str = "L"
     input_size: int = 28
     max_shift: int | None = None  # pixels; None → input_size // 14 (2 px at 28, ~half a digits pixel)
+    fit_ink: int | None = None  # preprocessing's ink box in pixels (grayscale); None → plain resize
     device: str | None = None  # None → cuda when available
     threads: int | None = None  # None → min(4, CPU count)
     progress: bool = True
@@ -116,9 +117,13 @@ def train(dataset: datamod.ImageDataset, options: TrainOptions, out_dir: Path | 
     torch.set_num_threads(threads)
     seed_everything(options.seed)
     try:
-        cfg = datamod.model_config_for(dataset, f"{dataset.short_name}_{options.arch}", options.color_mode,
-                                       options.input_size, architecture=options.arch)
-        train_idx, test_idx = datamod.split_indices(dataset.labels)
+        try:
+            cfg = datamod.model_config_for(dataset, f"{dataset.short_name}_{options.arch}",
+                                           options.color_mode, options.input_size, architecture=options.arch,
+                                           fit_ink=options.fit_ink)
+        except ModelConfigError as exc:
+            raise TrainError(str(exc)) from None
+        train_idx, test_idx = dataset.train_test()
         if len(train_idx) == 0 or len(test_idx) == 0:
             raise TrainError(f"{dataset.source}: too few images for a train/test split "
                              f"({len(dataset)} images; each class needs at least 2)")

@@ -3,6 +3,8 @@
 # load balancer), HAProxy (checks the compose stack's balancer config), openssl (test certificates
 # for TLS/mTLS) and curl (the README's REST examples, run by a test). `make test-deploy` installs its
 # own (docker.io, mmdebstrap) in its scripts.
+# Also the TrueType/OpenType fonts the digits model is trained on and the unseen fonts its generalisation
+# set is rendered from (models/fonts.py lists which is which).
 # Idempotent: installs only what is missing. Needs root (or sudo).
 set -euo pipefail
 need=()
@@ -11,6 +13,11 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+for font in fonts-dejavu-core fonts-dejavu-extra fonts-liberation fonts-freefont-ttf fonts-urw-base35 \
+            fonts-comic-neue fonts-crosextra-carlito fonts-crosextra-caladea fonts-go fonts-open-sans \
+            fonts-cantarell fonts-inconsolata fonts-linuxlibertine; do
+  dpkg-query -W -f='${Status}' "$font" 2>/dev/null | grep -q "ok installed" || need+=("$font")
+done
 [ ${#need[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "install_system_deps: apt-get not found; install ${need[*]} with your package manager" >&2

@@ -12,10 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from .errors import InvalidInputError
-from .model_config import ModelConfig
+from .model_config import ModelConfig, Preprocessing
 
 DEFAULT_MAX_PIXELS = 16_000_000
 
@@ -55,9 +55,11 @@ def _to_mode(img: Image.Image, mode: str) -> Image.Image:
 
 
 def image_to_array(img: Image.Image, cfg: ModelConfig) -> np.ndarray:
-    """Convert, resize and normalize one Pillow image → (C, H, W) float32."""
+    """Convert, (normalize the ink,) resize and normalize one Pillow image → (C, H, W) float32."""
     pre = cfg.preprocessing
     img = _to_mode(img, pre.color_mode)
+    if pre.polarity != "as_is" or pre.fit_ink is not None:
+        img = normalize_ink(img, pre)
     h, w = pre.resize
     if img.size != (w, h):
         img = img.resize((w, h), Image.Resampling.BILINEAR)
@@ -68,6 +70,114 @@ def image_to_array(img: Image.Image, cfg: ModelConfig) -> np.ndarray:
     mean = np.asarray(pre.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(pre.std, dtype=np.float32)[:, None, None]
     return np.ascontiguousarray((arr - mean) / std, dtype=np.float32)
+
+
+# Ink weights for the geometry: pixels below INK_LOW of the ink's contrast range count as background,
+# above INK_HIGH fully, so faint noise and paper texture move neither the box nor the centre of mass.
+INK_LOW, INK_HIGH = 0.25, 0.6
+# The box is the range holding all but this fraction of the ink mass at each end: a stray speck far from
+# the digit cannot stretch it, while a stroke carries far more than this share.
+INK_TAIL = 0.01
+# Images at least this many pixels on a side are despeckled (small ones, like 8x8 scans, have no pixel to
+# spare); the filter is kept when at least DESPECKLE_KEEP of the ink survives it.
+DESPECKLE_MIN_SIDE, DESPECKLE_KEEP = 32, 0.7
+
+
+def normalize_ink(img: Image.Image, pre: Preprocessing) -> Image.Image:
+    """Grayscale image → light ink on black, the ink scaled into a ``fit_ink`` box, centred by mass.
+
+    Why: people send dark digits on white paper, at any size and anywhere in the frame, lit unevenly; MNIST-
+    style models expect a white digit of a fixed size centred in the window. ``polarity == "auto"`` inverts
+    an image whose border median is above mid-gray. The background is then a plane fitted to the border (so
+    light falling from one side cancels out) and maps to 0, the brightest ink to 255, and ink pixels with no
+    ink neighbour (dust, sensor noise) to 0. With ``fit_ink`` the result is ``pre.resize`` pixels: the ink's
+    mass-robust bounding box scaled, aspect kept, so its longer side spans ``fit_ink`` pixels, the centre of
+    mass at the window's centre. A blank image comes back black. Returns an "L" image.
+    """
+    arr = np.asarray(img, dtype=np.float32)  # (H, W) in 0..255
+    h, w = arr.shape
+    ys, xs = _border(h, w)
+    if pre.polarity == "auto" and float(np.median(arr[ys, xs])) > 127.5:
+        arr = 255.0 - arr
+    arr = arr - _background_plane(arr[ys, xs], ys, xs, h, w)
+    peak = float(arr.max())
+    out_h, out_w = pre.resize if pre.fit_ink is not None else (h, w)
+    if peak < 1.0:  # no ink at all
+        return Image.new("L", (out_w, out_h), 0)
+    arr = np.clip(arr * (255.0 / peak), 0.0, 255.0)
+    if min(h, w) >= DESPECKLE_MIN_SIDE:
+        arr = _despeckle(arr)
+    weight = np.clip((arr / 255.0 - INK_LOW) / (INK_HIGH - INK_LOW), 0.0, 1.0)  # (H, W) how surely ink
+    isolated = _ink_neighbours(weight > 0) == 0
+    arr[isolated & (weight > 0)] = 0.0
+    weight[isolated] = 0.0
+    if pre.fit_ink is None:
+        return Image.fromarray(np.rint(arr).astype(np.uint8), mode="L")
+    rows, cols = weight.sum(axis=1), weight.sum(axis=0)
+    total = float(rows.sum())
+    if total <= 0.0:  # only faint ink: weigh by intensity instead
+        rows, cols = arr.sum(axis=1), arr.sum(axis=0)
+        total = float(rows.sum())
+        if total <= 0.0:
+            return Image.new("L", (out_w, out_h), 0)
+    cy = float((rows * np.arange(len(rows))).sum() / total) + 0.5  # pixel centres sit at i + 0.5
+    cx = float((cols * np.arange(len(cols))).sum() / total) + 0.5
+    extent = max(_mass_extent(rows, total), _mass_extent(cols, total))
+    scale = pre.fit_ink / extent  # output pixels per source pixel
+    source = Image.fromarray(np.rint(arr).astype(np.uint8), mode="L")
+    reduce = int(1.0 / scale) if scale < 0.5 else 1  # box-average big images before sampling
+    if reduce > 1:
+        source = source.reduce(reduce)
+        cx, cy, scale = cx / reduce, cy / reduce, scale * reduce
+    span_x, span_y = out_w / scale, out_h / scale
+    box = (cx - span_x / 2, cy - span_y / 2, cx + span_x / 2, cy + span_y / 2)
+    return source.transform((out_w, out_h), Image.Transform.EXTENT, box, Image.Resampling.BILINEAR,
+                            fillcolor=0)
+
+
+def _despeckle(arr: np.ndarray) -> np.ndarray:
+    """A 3x3 median filter (dust, salt-and-pepper noise, JPEG specks), kept only when it leaves the ink
+    mostly intact: a 1-pixel pen line is erased by it, and then the unfiltered image is used."""
+    filtered = np.asarray(Image.fromarray(np.rint(arr).astype(np.uint8), mode="L")
+                          .filter(ImageFilter.MedianFilter(3)), dtype=np.float32)
+    return filtered if filtered.sum() >= DESPECKLE_KEEP * arr.sum() else arr
+
+
+def _border(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of the outermost ring of pixels (every pixel when the image is under 3x3)."""
+    if h < 3 or w < 3:
+        grid = np.indices((h, w)).reshape(2, -1)
+        return grid[0], grid[1]
+    inner = np.arange(1, h - 1)
+    ys = np.concatenate([np.zeros(w, int), np.full(w, h - 1), inner, inner])
+    xs = np.concatenate([np.arange(w), np.arange(w), np.zeros(h - 2, int), np.full(h - 2, w - 1)])
+    return ys, xs
+
+
+def _background_plane(values: np.ndarray, ys: np.ndarray, xs: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Least-squares plane a + b*x + c*y through the border's darker 75% (ink touching the border is
+    bright, so it is left out) → (H, W) background to subtract."""
+    keep = values <= np.percentile(values, 75)
+    design = np.stack([np.ones(int(keep.sum())), xs[keep], ys[keep]], axis=1).astype(np.float64)
+    coef = np.linalg.lstsq(design, values[keep].astype(np.float64), rcond=None)[0]
+    plane = coef[0] + coef[1] * np.arange(w)[None, :] + coef[2] * np.arange(h)[:, None]
+    return plane.astype(np.float32)
+
+
+def _ink_neighbours(mask: np.ndarray) -> np.ndarray:
+    """For each pixel, how many of its 8 neighbours are in ``mask``."""
+    padded = np.pad(mask.astype(np.int16), 1)
+    h, w = mask.shape
+    return sum(padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+               for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
+
+
+def _mass_extent(profile: np.ndarray, total: float) -> float:
+    """Length in pixels of the span holding all but INK_TAIL of ``profile``'s mass at each end (≥ 1)."""
+    cumulative = np.cumsum(profile) / total
+    first = int(np.searchsorted(cumulative, INK_TAIL, side="right"))
+    last = int(np.searchsorted(cumulative, 1.0 - INK_TAIL, side="left"))
+    return float(max(1, last - first + 1))
 
 
 class _Reader(io.BytesIO):

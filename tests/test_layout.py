@@ -19,9 +19,16 @@ FORBIDDEN = {
     },
     "server": {"convserve.models", "convserve.cli", "convserve.testing", "convserve.client"},
 }
-# The one known crossing, on purpose: training and evaluation run the server's own image_to_array so
-# that they preprocess exactly as serving does (models/data.py). It loads lazily, inside a function.
-ALLOWED = {"convserve.server.preprocess", "convserve.server.preprocess.image_to_array"}
+# The one known crossing, on purpose: training, evaluation and inspection run the server's own
+# preprocessing (image_to_array, decode_image and the InvalidInputError it raises) so that they see images
+# exactly as serving does (models/data.py, models/inspection.py). It loads lazily, inside functions.
+ALLOWED = {
+    "convserve.server.preprocess",
+    "convserve.server.preprocess.image_to_array",
+    "convserve.server.preprocess.decode_image",
+    "convserve.server.errors",
+    "convserve.server.errors.InvalidInputError",
+}
 
 
 def imports(path: Path, package: str) -> set[str]:

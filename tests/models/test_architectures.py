@@ -54,8 +54,17 @@ def test_only_our_conv_and_pool_layers_are_used():
         kinds = {type(m) for m in model.modules()}
         torch_layers = {torch.nn.Conv2d, torch.nn.MaxPool2d, torch.nn.AvgPool2d, torch.nn.AdaptiveAvgPool2d}
         assert not kinds & torch_layers
-        assert any(isinstance(m, Conv2d) for m in model.modules())
-        assert any(isinstance(m, Pool2d) for m in model.modules())
+        convolutional = get_architecture(name).convolutional
+        assert any(isinstance(m, Conv2d) for m in model.modules()) == convolutional
+        assert any(isinstance(m, Pool2d) for m in model.modules()) == convolutional
+
+
+def test_the_dense_baseline_matches_lenets_budget():
+    """`convserve robustness` compares LeNet with an MLP of about the same parameter count."""
+    lenet, mlp = build("lenet"), build("mlp")
+    assert not get_architecture("mlp").convolutional and get_architecture("lenet").convolutional
+    assert abs(count_parameters(mlp) - count_parameters(lenet)) < 0.05 * count_parameters(lenet)
+    assert [m.out_features for m in mlp.modules() if isinstance(m, torch.nn.Linear)] == [72, 48, 10]
 
 
 def test_build_options_and_errors():
@@ -94,7 +103,7 @@ def test_architecture_trains_a_step_and_exports_to_matching_onnx(name):
     assert check.max_abs_diff <= 1e-4 * max(1.0, check.max_abs_output)
     graph = onnx.load_from_string(onnx_bytes).graph
     assert {n.domain for n in graph.node} <= STANDARD_DOMAINS
-    assert "Conv" in {n.op_type for n in graph.node}
+    assert ("Conv" in {n.op_type for n in graph.node}) == arch.convolutional
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the batch dimension is symbolic
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +114,20 @@ def test_load_checkpoint_errors(tmp_path: Path) -> None:
     torch.save({"weights": torch.zeros(2)}, foreign)
     with pytest.raises(train.TrainError, match="not written by `convserve train`"):
         train.load_checkpoint(foreign)
+
+
+def test_digits_synth_training_is_deterministic_and_declares_its_preprocessing() -> None:
+    """The bundled model's recipe in miniature: the same seed gives the same weights, and the config the
+    model is exported with carries the ink normalisation its training images went through."""
+    try:
+        mixed = data.load_digits_synth(scan_copies=0, font_samples=40)
+    except data.DataError as exc:  # here only missing fonts (scripts/install_system_deps.sh) raise it
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(str(exc))
+    options = _options(seed=5, fit_ink=mixed.default_fit_ink)
+    a = train.train(mixed, options, None)
+    b = train.train(mixed, options, None)
+    for key, value in a.model.state_dict().items():
+        torch.testing.assert_close(value, b.model.state_dict()[key], rtol=0, atol=0, msg=key)
+    pre = a.config.preprocessing
+    assert (pre.polarity, pre.fit_ink, pre.resize) == ("auto", 20, (28, 28))
+    assert a.metrics["test_size"] == 359 and a.metrics["train_size"] == 1438 + 40
