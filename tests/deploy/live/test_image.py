@@ -101,10 +101,15 @@ def test_image_runs_non_root_read_only_and_classifies_like_onnx_runtime(
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [Path(r["file"]).name for r in rows] == [f.name for f in files]
 
+    from convserve.server.model_config import load_config
+    from convserve.server.preprocess import decode_image
+
     config = json.loads((MODEL.parent.parent / "config.json").read_text())
-    pre = config["preprocessing"]
-    batch = (images[:, None].astype(np.float32) / 255 - pre["mean"][0]) / pre["std"][0]  # (N, 1, 28, 28)
-    logits = run_reference(MODEL, batch)
+    # The PNGs preprocessed here by the model's own config (whatever steps it names: ink fitting,
+    # polarity, mean/std), then run by a fresh ONNX Runtime session outside the container.
+    cfg = load_config(MODEL.parent.parent)
+    pixels = np.stack([decode_image(f.read_bytes(), cfg) for f in files])  # (N, 1, 28, 28)
+    logits = run_reference(MODEL, pixels)
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     for row, expected in zip(rows, probs, strict=True):
@@ -115,9 +120,13 @@ def test_image_runs_non_root_read_only_and_classifies_like_onnx_runtime(
         assert row["predictions"][0]["label"] == config["labels"][top[0]]
 
     # The v2 REST port (8000 in the image), through its published port: readiness without a token, and
-    # the same batch as a JSON tensor gives the reference logits.
+    # a raw tensor (the digits scaled by the config's mean/std; tensors skip image preprocessing) gives
+    # the logits of the reference run on the same tensor.
     assert rest(http_port, "/v2/health/ready") == (200, None)
     assert rest(http_port, "/v2/health/live") == (200, None)
+    pre = config["preprocessing"]
+    batch = (images[:, None].astype(np.float32) / 255 - pre["mean"][0]) / pre["std"][0]  # (N, 1, 28, 28)
+    logits = run_reference(MODEL, batch)
     status, reply = rest(http_port, "/v2/models/digits_lenet/infer", infer_request(batch), timeout=30)
     assert status == 200, reply
     (output,) = reply["outputs"]
