@@ -92,7 +92,14 @@ ENTRYPOINT ["convserve", "serve"]
 # ---- train: a one-off job that trains and exports into the mounted /models ----
 FROM ${PYTHON_IMAGE} AS train
 ARG TORCH_INDEX_URL
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
+# The fonts the digits model is trained on (the same list `make system-deps` installs).
+COPY scripts/font-packages.txt /tmp/font-packages.txt
+# Font versions follow the pinned base image's Debian release; pinning them would break at point releases.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && xargs -a /tmp/font-packages.txt apt-get install -y --no-install-recommends \
+    && rm -rf /var/lib/apt/lists/* /tmp/font-packages.txt
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
 COPY protos ./protos
