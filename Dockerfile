@@ -76,12 +76,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     CONVSERVE_HOST=0.0.0.0 \
+    CONVSERVE_HTTP_PORT=8000 \
     CONVSERVE_GRPC_PORT=8001 \
     CONVSERVE_METRICS_PORT=8002 \
     CONVSERVE_MODEL_REPOSITORY=/models \
     CONVSERVE_EXECUTION_PROVIDERS=cuda,cpu
 USER 10001:10001
-EXPOSE 8001 8002
+# 8000 v2 HTTP/REST, 8001 gRPC (convserve.v1 and v2), 8002 /metrics.
+EXPOSE 8000 8001 8002
 # The port comes from the container's own CONVSERVE_GRPC_PORT, so `-e CONVSERVE_GRPC_PORT=...` stays healthy.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["sh", "-c", "exec convserve health --server \"127.0.0.1:${CONVSERVE_GRPC_PORT}\" --timeout 3"]
@@ -90,7 +92,14 @@ ENTRYPOINT ["convserve", "serve"]
 # ---- train: a one-off job that trains and exports into the mounted /models ----
 FROM ${PYTHON_IMAGE} AS train
 ARG TORCH_INDEX_URL
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
+# The fonts the digits model is trained on (the same list `make system-deps` installs).
+COPY scripts/font-packages.txt /tmp/font-packages.txt
+# Font versions follow the pinned base image's Debian release; pinning them would break at point releases.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && xargs -a /tmp/font-packages.txt apt-get install -y --no-install-recommends \
+    && rm -rf /var/lib/apt/lists/* /tmp/font-packages.txt
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
 COPY protos ./protos
@@ -106,6 +115,7 @@ RUN pip install --no-cache-dir --extra-index-url="${TORCH_INDEX_URL}" "/src[trai
        --shell /usr/sbin/nologin convserve
 # Training writes checkpoints and plots under /tmp/runs; matplotlib needs a writable cache dir.
 ENV PYTHONUNBUFFERED=1 MPLCONFIGDIR=/tmp/matplotlib
+# No EXPOSE and no CONVSERVE_*_PORT: the job trains and exports, it serves nothing.
 USER 10001:10001
 WORKDIR /tmp
 ENTRYPOINT ["convserve"]
@@ -124,11 +134,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     CONVSERVE_HOST=0.0.0.0 \
+    CONVSERVE_HTTP_PORT=8000 \
     CONVSERVE_GRPC_PORT=8001 \
     CONVSERVE_METRICS_PORT=8002 \
     CONVSERVE_MODEL_REPOSITORY=/models
 USER 10001:10001
-EXPOSE 8001 8002
+# 8000 v2 HTTP/REST, 8001 gRPC (convserve.v1 and v2), 8002 /metrics.
+EXPOSE 8000 8001 8002
 # `convserve health` exits 0 only when the standard gRPC health service answers SERVING.
 # The port comes from the container's own CONVSERVE_GRPC_PORT, so `-e CONVSERVE_GRPC_PORT=...` stays healthy.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \

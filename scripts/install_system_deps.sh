@@ -13,11 +13,10 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v curl >/dev/null 2>&1 || need+=(curl)
-for font in fonts-dejavu-core fonts-dejavu-extra fonts-liberation fonts-freefont-ttf fonts-urw-base35 \
-            fonts-comic-neue fonts-crosextra-carlito fonts-crosextra-caladea fonts-go fonts-open-sans \
-            fonts-cantarell fonts-inconsolata fonts-linuxlibertine; do
+# The font list is shared with the Dockerfile's train stage.
+while read -r font; do
   dpkg-query -W -f='${Status}' "$font" 2>/dev/null | grep -q "ok installed" || need+=("$font")
-done
+done < "$(dirname "$0")/font-packages.txt"
 [ ${#need[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "install_system_deps: apt-get not found; install ${need[*]} with your package manager" >&2

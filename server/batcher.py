@@ -11,6 +11,16 @@ Semantics:
 - The queue is bounded in **images**, not requests (memory grows with images): a request whose images
   would take the queued count past ``max_queue_size`` is refused at once with :class:`QueueFullError`.
   Images already taken by a worker no longer count.
+- **Fair admission** (docs/DESIGN.md, "Admission"): no request holds more than a *share* of the queue
+  (``max_queue_size // 4`` images, at least 1). A bigger request flows through one share at a time, each
+  share waiting for room instead of failing (up to its deadline), so two huge requests cannot fill the queue
+  and starve everyone else. Waiting requests are admitted in arrival order and only below
+  ``max_queue_size - reserve`` (``reserve`` = ``max_queue_size // 4``): the top of the queue stays free for
+  small requests that arrive to find room. Images waiting for room (streams aside) are bounded by
+  ``max_queue_size`` too; past that a request is refused with :class:`QueueFullError`.
+- **Back-pressure** for streams: a message submitted with a :class:`Backpressure` valve waits for room
+  instead of failing, and shuts the valve while it waits; the stream reads nothing more until it opens,
+  so HTTP/2 flow control slows the client.
 - A batch holds at most ``max_batch_size`` images. Multi-image requests count by images and may be split
   across runs; each caller gets exactly its own rows back, in order.
 - ``max_queue_delay_us == 0`` (default): a free worker takes whatever is queued now and never waits.
@@ -46,7 +56,7 @@ from convserve.server.errors import (
     QueueFullError,
 )
 
-__all__ = ["BatchObserver", "Batcher", "BatchingPolicy"]
+__all__ = ["Backpressure", "BatchObserver", "Batcher", "BatchingPolicy"]
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +153,48 @@ class _Request:
 _Piece = tuple[_Request, int, int]
 
 
+class Backpressure:
+    """One stream's valve (event loop only). Its messages wait for room in a full queue instead of failing;
+    while any of them waits the valve is shut, and the stream reads no further message until it opens."""
+
+    __slots__ = ("_open", "_waiting")
+
+    def __init__(self) -> None:
+        self._waiting = 0
+        self._open = asyncio.Event()
+        self._open.set()
+
+    @property
+    def shut(self) -> bool:
+        return self._waiting > 0
+
+    async def wait_open(self) -> None:
+        """Return once no message of this stream waits for room."""
+        while self._waiting:
+            await self._open.wait()
+
+    def _enter(self) -> None:
+        self._waiting += 1
+        self._open.clear()
+
+    def _leave(self) -> None:
+        self._waiting -= 1
+        if self._waiting == 0:
+            self._open.set()
+
+
+class _Waiter:
+    """A request (or one share of a big one) waiting for room in the queue."""
+
+    __slots__ = ("admitted", "backpressure", "future", "req")
+
+    def __init__(self, req: _Request, future: asyncio.Future, backpressure: Backpressure | None) -> None:
+        self.req = req
+        self.future = future
+        self.backpressure = backpressure
+        self.admitted = False
+
+
 class Batcher:
     """Merges concurrent requests for one model into batched calls of ``run``.
 
@@ -197,6 +249,13 @@ class Batcher:
         self._wake_scheduled = False  # a _wake_worker callback is pending on the event loop
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued = 0  # images waiting, excluding dropped requests
+        # Fair admission: the most images one request holds in the queue at once, and the top of the queue
+        # that waiting requests leave to requests arriving to find room (module docstring).
+        self.share = max(1, max_queue_size // 4)
+        self.reserve = max_queue_size // 4
+        self._waiters: collections.deque[_Waiter] = collections.deque()  # guarded by _lock
+        self._waiting_images = 0  # images of waiters without a backpressure valve
+        self._admit_posted = False  # an _admit_waiters callback is pending on the event loop
         self._threads: list[threading.Thread] = []
         self._started = False
         self._closing = False
@@ -239,6 +298,14 @@ class Batcher:
             exited = self._all_exited
             self._closing = True
             self._signal_locked(self.instances)
+            waiters = list(self._waiters)
+            self._waiters.clear()
+            self._waiting_images = 0
+        for w in waiters:
+            if not w.future.done():
+                w.future.set_exception(
+                    DrainingError(f"model '{self.name}' is shutting down; request was waiting for room")
+                )
         try:
             await asyncio.wait_for(asyncio.shield(exited), grace)
         except asyncio.TimeoutError:
@@ -253,12 +320,16 @@ class Batcher:
 
     # ------------------------------------------------------------------ event-loop side
 
-    async def submit(self, x: np.ndarray, deadline: float | None = None) -> np.ndarray:
+    async def submit(
+        self, x: np.ndarray, deadline: float | None = None, backpressure: Backpressure | None = None
+    ) -> np.ndarray:
         """Queue ``x`` (N, C, H, W) and return its (N, K) output rows, in order.
 
         ``deadline`` is an absolute ``time.monotonic()`` value. Raises QueueFullError when the queue
         is full, DeadlineExpiredError when the deadline passes before the images run, DrainingError
-        after ``stop``; an exception from ``run`` is re-raised to every caller in that batch.
+        after ``stop``; an exception from ``run`` is re-raised to every caller in that batch. A request
+        bigger than ``share`` images, or one with a ``backpressure`` valve (a stream's message), waits for
+        room instead of failing (fair admission, module docstring).
         """
         n = len(x)
         if n == 0:
@@ -267,6 +338,18 @@ class Batcher:
             raise DrainingError(f"model '{self.name}' is shutting down")
         if not self._started:
             raise RuntimeError("Batcher.start() was not called")
+        if n <= self.share:
+            return await self._submit(x, deadline, backpressure, wait=backpressure is not None)
+        # One share at a time: this request never holds more than a share of the queue.
+        parts = [
+            await self._submit(x[i : i + self.share], deadline, backpressure, wait=True)
+            for i in range(0, n, self.share)
+        ]
+        return np.concatenate(parts)
+
+    async def _submit(
+        self, x: np.ndarray, deadline: float | None, backpressure: Backpressure | None, wait: bool
+    ) -> np.ndarray:
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             raise DeadlineExpiredError(
@@ -274,32 +357,136 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         req = _Request(x, loop.create_future(), loop, now, deadline)
+        n = req.n
+        waiter: _Waiter | None = None
+        wake = False
         with self._lock:
-            if self._queued + n > self.max_queue_size:
-                raise QueueFullError(
-                    f"model '{self.name}' queue is full: {self._queued} images queued, limit "
-                    f"{self.max_queue_size}, request has {n}"
-                )
-            self._queue.append(req)
-            self._queued += n
+            if self._closing:
+                raise DrainingError(f"model '{self.name}' is shutting down")
+            if not wait:
+                if self._queued + n > self.max_queue_size:
+                    raise QueueFullError(
+                        f"model '{self.name}' queue is full: {self._queued} images queued, limit "
+                        f"{self.max_queue_size}, request has {n}"
+                    )
+                wake = self._enqueue_locked(req)
+            elif not self._waiters and self._queued + n <= self.max_queue_size - self.reserve:
+                wake = self._enqueue_locked(req)
+            else:
+                if backpressure is None and self._waiting_images + n > self.max_queue_size:
+                    raise QueueFullError(
+                        f"model '{self.name}' queue is full: {self._queued} images queued and "
+                        f"{self._waiting_images} waiting for room, limit {self.max_queue_size}, "
+                        f"request has {n}"
+                    )
+                waiter = _Waiter(req, loop.create_future(), backpressure)
+                self._waiters.append(waiter)
+                if backpressure is None:
+                    self._waiting_images += n
             depth = self._queued
-            wake = self._tokens < self._waiting and not self._wake_scheduled
+        if waiter is not None:
+            await self._wait_for_room(waiter, loop)
+        else:
             if wake:
-                self._wake_scheduled = True
-        if wake:
-            # Wake an idle worker once per event-loop iteration, not per request: requests that
-            # arrive in the same iteration then share one batch and one thread wake-up. A wake-up
-            # costs the waker tens of µs on a VM (a cross-CPU interrupt), and the loop is the
-            # bottleneck under load. At one client this adds one loop step, a few µs.
-            loop.call_soon(self._wake_worker)
-        self._observer.on_depth(depth)
+                # Wake an idle worker once per event-loop iteration, not per request: requests that
+                # arrive in the same iteration then share one batch and one thread wake-up. A wake-up
+                # costs the waker tens of µs on a VM (a cross-CPU interrupt), and the loop is the
+                # bottleneck under load. At one client this adds one loop step, a few µs.
+                loop.call_soon(self._wake_worker)
+            self._observer.on_depth(depth)
         if deadline is not None:
-            req.timer = loop.call_later(deadline - now, self._expire, req)
+            req.timer = loop.call_later(deadline - time.monotonic(), self._expire, req)
         try:
             return await req.future
         except asyncio.CancelledError:
             self._withdraw(req)
             raise
+
+    def _enqueue_locked(self, req: _Request) -> bool:
+        """Put ``req`` in the queue (lock held); True when an idle worker should be woken."""
+        self._queue.append(req)
+        self._queued += req.n
+        wake = self._tokens < self._waiting and not self._wake_scheduled
+        if wake:
+            self._wake_scheduled = True
+        return wake
+
+    async def _wait_for_room(self, waiter: _Waiter, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait until ``_admit_waiters`` queues the waiter's request; give up at its deadline."""
+        req, valve = waiter.req, waiter.backpressure
+        timer = None
+        if req.deadline is not None:
+            timer = loop.call_later(req.deadline - time.monotonic(), self._expire_waiter, waiter)
+        if valve is not None:
+            valve._enter()
+        try:
+            await waiter.future
+        except asyncio.CancelledError:
+            if waiter.admitted:
+                self._withdraw(req)
+            else:
+                self._remove_waiter(waiter)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if valve is not None:
+                valve._leave()
+
+    def _remove_waiter(self, waiter: _Waiter) -> None:
+        with self._lock:
+            if waiter.admitted or waiter not in self._waiters:
+                return
+            self._waiters.remove(waiter)
+            if waiter.backpressure is None:
+                self._waiting_images -= waiter.req.n
+        self._admit_waiters()  # it may have been the head holding others back
+
+    def _expire_waiter(self, waiter: _Waiter) -> None:
+        """Deadline timer (event loop) of a request still waiting for room."""
+        if waiter.admitted or waiter.future.done():
+            return
+        self._remove_waiter(waiter)
+        waiter.future.set_exception(
+            DeadlineExpiredError(
+                f"deadline passed after {time.monotonic() - waiter.req.enqueued:.6f} s waiting for room "
+                f"in model '{self.name}' queue ({self._queued} images queued, limit {self.max_queue_size}); "
+                "never ran"
+            )
+        )
+
+    def _admit_waiters(self) -> None:
+        """Queue waiting requests, in arrival order, while they fit below the reserve (event loop)."""
+        admitted: list[_Waiter] = []
+        with self._lock:
+            self._admit_posted = False
+            limit = self.max_queue_size - self.reserve
+            while self._waiters and not self._closing:
+                w = self._waiters[0]
+                if self._queued + w.req.n > limit:
+                    break
+                self._waiters.popleft()
+                if w.backpressure is None:
+                    self._waiting_images -= w.req.n
+                w.admitted = True
+                w.req.enqueued = time.monotonic()
+                self._enqueue_locked(w.req)
+                admitted.append(w)
+            depth = self._queued
+        if not admitted:
+            return
+        self._wake_worker()
+        self._observer.on_depth(depth)
+        for w in admitted:
+            if not w.future.done():
+                w.future.set_result(None)
+
+    def _post_admit_locked(self) -> None:
+        """Room was freed off the loop (lock held): let the loop admit waiters, once per pending call."""
+        if self._waiters and not self._admit_posted:
+            self._admit_posted = True
+            with contextlib.suppress(RuntimeError):  # a closed loop has nobody waiting
+                self._waiters[0].req.loop.call_soon_threadsafe(self._admit_waiters)
 
     def _wake_worker(self) -> None:
         with self._lock:
@@ -321,8 +508,11 @@ class Batcher:
         with self._lock:
             dropped = self._drop_locked(req)
             depth = self._queued
+            waiting = bool(self._waiters)
         if dropped:
             self._observer.on_depth(depth)
+            if waiting:
+                self._admit_waiters()
         return dropped
 
     def _drop_locked(self, req: _Request) -> bool:
@@ -463,6 +653,7 @@ class Batcher:
         for req, start, k in pieces:
             req.taken = start + k
             self._queued -= k
+        self._post_admit_locked()
         return pieces, expired, now
 
     def _run_batch(self, pieces: list[_Piece]) -> None:
@@ -490,6 +681,7 @@ class Batcher:
                 for req, _, _ in pieces:
                     self._drop_locked(req)
                     finished.append(req)
+                self._post_admit_locked()
         else:
             row = 0
             partial = [p for p in pieces if p[2] != p[0].n]

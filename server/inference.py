@@ -33,6 +33,7 @@ from typing import Protocol, TypeVar, overload
 
 import numpy as np
 
+from .batcher import Backpressure
 from .errors import (
     ConvserveServerError,
     DeadlineExpiredError,
@@ -50,6 +51,7 @@ from .served_model import ServedModel
 from .settings import Settings
 
 __all__ = [
+    "Backpressure",
     "Cancellation",
     "EncodedImage",
     "InferenceCore",
@@ -161,6 +163,9 @@ class InferenceRequest:
     model_field: str = "model"  # names the model field in lookup errors ("model_name" for v2)
     cancel: Cancellation = field(default_factory=Cancellation)
     trace: Trace | None = None  # filled in with the resolved version and the image count
+    # A stream's valve: a full model queue makes this request wait for room (up to the deadline) instead of
+    # failing with QueueFullError, and the stream stops reading meanwhile (flow control, batcher.py).
+    backpressure: Backpressure | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,7 +386,7 @@ class InferenceCore:
         times.input_s = time.perf_counter() - t0
         stop()
 
-        raw = await served.infer(batch, request.deadline)
+        raw = await served.infer(batch, request.deadline, request.backpressure)
 
         t0 = time.perf_counter()
 

@@ -149,6 +149,7 @@ class Edge:
         self.health = health
         self.on_message = on_message  # sees each request message's size (heap trimming after large ones)
         self.in_flight = 0
+        self.last_call = time.monotonic()  # when the latest call arrived (drain waits for a quiet moment)
         self._idle: asyncio.Event | None = None
 
     def register(
@@ -193,10 +194,25 @@ class Edge:
         except asyncio.TimeoutError:
             return False
 
+    async def wait_quiet(self, quiet: float, deadline: float) -> bool:
+        """Wait until no call has arrived for ``quiet`` seconds (True) or ``deadline`` (monotonic) passes.
+
+        While draining, every new call is refused UNAVAILABLE here. Closing the listener kills calls that
+        grpc core has received but not yet handed to us, with CANCELLED (which clients do not retry); a
+        quiet moment first leaves only clients that keep calling a NOT_SERVING server exposed to that.
+        """
+        while True:
+            now = time.monotonic()
+            left = min(self.last_call + quiet, deadline) - now
+            if left <= 0:
+                return now < deadline
+            await asyncio.sleep(left)
+
     def _enter(self, context: grpc.aio.ServicerContext, method: str) -> CallInfo:
         call = CallInfo(request_id_from_metadata(context.invocation_metadata()), method)
         context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
         self.in_flight += 1
+        self.last_call = time.monotonic()
         return call
 
     def refuse_if_draining(self) -> None:
@@ -270,17 +286,23 @@ class Edge:
 
     def _streaming(
         self, fn: Callable[..., AsyncIterator[Any]], method: str, refuse: bool
-    ) -> Callable[..., AsyncIterator[Any]]:
-        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    ) -> Callable[..., Awaitable[None]]:
+        # A coroutine that writes, not an async generator that yields: when the client cancels, grpc cancels
+        # this task wherever it waits (a write included) and the ``finally`` runs here, in this task's
+        # context. A generator suspended at ``yield`` is instead closed later by the garbage collector, in
+        # another context, and its call stayed counted in flight until then (a drain waited out its grace).
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> None:
             start = time.perf_counter()
             code = "OK"
             call = self._enter(context, method)
             token = _current.set(call)
+            responses: AsyncIterator[Any] | None = None
             try:
                 if refuse:
                     self.refuse_if_draining()
-                async for response in fn(request, context):
-                    yield response
+                responses = fn(request, context)
+                async for response in responses:
+                    await context.write(response)
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise
@@ -288,9 +310,11 @@ class Edge:
                 code = status_for(exc).name
                 await self._fail(context, exc, call, start)
             finally:
-                _current.reset(token)
                 self.end()
+                _current.reset(token)
                 self._access(call, code, start, context)
+                if responses is not None:
+                    await responses.aclose()  # type: ignore[attr-defined]  # stops its reader and tasks now
 
         streaming.__name__ = fn.__name__
         return streaming

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .batcher import Batcher, BatchingPolicy
+from .batcher import Backpressure, Batcher, BatchingPolicy
 from .errors import DeadlineExpiredError, ModelNotReadyError
 from .metrics import Metrics
 from .model_check import warm_up
@@ -218,11 +218,14 @@ class ServedModel:
 
     # ---- serving ---------------------------------------------------------------------------------
 
-    async def infer(self, batch: np.ndarray, deadline: float | None = None) -> np.ndarray:
+    async def infer(
+        self, batch: np.ndarray, deadline: float | None = None, backpressure: Backpressure | None = None
+    ) -> np.ndarray:
         """(N, C, H, W) float32 → (N, K) raw outputs: inline when one run is cheaper than a thread hop
         and the batcher is idle, else through the batcher (off the event loop).
 
-        ``deadline`` is absolute ``time.monotonic()`` seconds; a request past it is never run.
+        ``deadline`` is absolute ``time.monotonic()`` seconds; a request past it is never run. With a
+        stream's ``backpressure`` valve a full queue makes the request wait for room (``Batcher.submit``).
         Raises ModelNotReadyError, QueueFullError, DeadlineExpiredError, DrainingError.
         """
         batcher = self.batcher
@@ -245,7 +248,7 @@ class ServedModel:
             self.inline_run_s = 0.9 * self.inline_run_s + 0.1 * (time.thread_time() - c0)
             self.stats.on_batch(1, time.perf_counter() - t0)
             return out
-        return await batcher.submit(batch, deadline)
+        return await batcher.submit(batch, deadline, backpressure)
 
     def _inline_now(self) -> bool:
         """Whether a single image runs inline: its estimated cost is within the bound; or, for an estimate

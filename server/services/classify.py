@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -11,6 +12,7 @@ from convserve.protos.convserve.v1 import classifier_pb2_grpc as pb_grpc
 from ..errors import InvalidInputError, ModelNotFoundError, PermissionDeniedError
 from ..health import Health
 from ..inference import (
+    Backpressure,
     EncodedImage,
     InferenceCore,
     InferenceRequest,
@@ -73,8 +75,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         deadline = deadline_of(context)
         call = current_call()
 
-        async def handle(request: pb.ClassifyRequest) -> pb.ClassifyStreamResponse:
-            response = await self._classify(request, deadline)
+        async def handle(request: pb.ClassifyRequest, valve: Backpressure) -> pb.ClassifyStreamResponse:
+            response = await self._classify(request, deadline, valve)
             return pb.ClassifyStreamResponse(response=response, request_id=response.request_id)
 
         def reply_error(
@@ -87,10 +89,15 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 or call.request_id,
             )
 
-        async for reply in stream_replies(request_iterator, self.health, handle, reply_error):
-            yield reply
+        async with contextlib.aclosing(
+            stream_replies(request_iterator, self.health, handle, reply_error)
+        ) as replies:
+            async for reply in replies:
+                yield reply
 
-    async def _classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
+    async def _classify(
+        self, request: pb.ClassifyRequest, deadline: float | None, valve: Backpressure | None = None
+    ) -> pb.ClassifyResponse:
         call = current_call()
         call.model = request.model
         request_id = echo_request_id(request.request_id, call.request_id) or call.request_id
@@ -122,6 +129,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 request_id=call.request_id,
                 api=API,
                 trace=call,
+                backpressure=valve,
             ),
             encode,
         )

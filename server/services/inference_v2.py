@@ -11,6 +11,7 @@ the same number the convserve.v1 API reports.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import AsyncIterator
 
@@ -22,6 +23,7 @@ from convserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from ..errors import InvalidInputError, ModelNotReadyError, status_message
 from ..health import Health
 from ..inference import (
+    Backpressure,
     EncodedImage,
     InferenceCore,
     InferenceRequest,
@@ -140,8 +142,8 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         deadline = deadline_of(context)
 
-        async def handle(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
-            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
+        async def handle(request: pb.ModelInferRequest, valve: Backpressure) -> pb.ModelStreamInferResponse:
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline, valve))
 
         def reply_error(
             request: pb.ModelInferRequest, code: grpc.StatusCode, message: str
@@ -154,10 +156,15 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
                 ),
             )
 
-        async for reply in stream_replies(request_iterator, self.health, handle, reply_error):
-            yield reply
+        async with contextlib.aclosing(
+            stream_replies(request_iterator, self.health, handle, reply_error)
+        ) as replies:
+            async for reply in replies:
+                yield reply
 
-    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+    async def _infer(
+        self, request: pb.ModelInferRequest, deadline: float | None, valve: Backpressure | None = None
+    ) -> pb.ModelInferResponse:
         call = current_call()
         call.model = request.model_name
         return await self.core.infer(
@@ -171,6 +178,7 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
                 api=API,
                 model_field="model_name",
                 trace=call,
+                backpressure=valve,
             ),
             lambda result: _reply(result, echo_request_id(request.id, call.request_id)),
         )

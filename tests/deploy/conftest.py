@@ -136,6 +136,43 @@ def settings_from_env(settings_env: dict[str, str]) -> Any:
     return build
 
 
+# The server's listening ports by the name the deployment files give them, as Settings fields.
+PORT_SETTINGS = {"http": "http_port", "grpc": "grpc_port", "metrics": "metrics_port"}
+
+
+@pytest.fixture(scope="session")
+def served_ports() -> Any:
+    """``served_ports(settings)`` → {"http": 8000, "grpc": 8001, "metrics": 8002}: every port the server
+    listens on with those settings. Fails when one is disabled or ephemeral, which no deployment wants."""
+
+    def ports(settings: Any) -> dict[str, int]:
+        found = {name: getattr(settings, field) for name, field in PORT_SETTINGS.items()}
+        assert all(port > 0 for port in found.values()), f"a port is disabled or ephemeral: {found}"
+        return found
+
+    return ports
+
+
+@pytest.fixture(scope="session")
+def rest_route() -> Any:
+    """``rest_route(path)`` → (route name, answered without a token, answered while draining) for a GET
+    path of the server's REST API, read from the server's own route table and edge rules."""
+    from aiohttp import web
+    from convserve.server.http.edge import PROBES, PUBLIC
+    from convserve.server.http.routes import Routes
+
+    app = web.Application()
+    Routes(None, None, None, 0).add_to(app)  # type: ignore[arg-type]  # handlers are only registered
+    names = {r.canonical: r.name for r in app.router.resources() if r.name}
+
+    def route(path: str) -> tuple[str, bool, bool]:
+        assert path in names, f"{path}: the server has no such REST route"
+        name = names[path]
+        return name, name in PUBLIC, name in PROBES
+
+    return route
+
+
 @pytest.fixture(scope="session")
 def run_stack() -> ModuleType:
     """scripts/run_stack.py as a module (scripts/ is not a package)."""

@@ -86,18 +86,20 @@ def test_replica_builds_from_the_dockerfile_and_uses_only_settings_the_server_re
         if k.startswith("CONVSERVE_")
     }
     image = settings_from_env(image_env)
-    for key in ("grpc_port", "metrics_port", "model_repository", "host", "execution_providers"):
+    assert "CONVSERVE_HTTP_PORT" in service["environment"]  # named, as in the image
+    for key in ("http_port", "grpc_port", "metrics_port", "model_repository", "host", "execution_providers"):
         assert getattr(settings, key) == getattr(image, key), f"{name}: {key} differs from the image's"
 
 
 @pytest.mark.parametrize("name", ["convserve", "convserve-gpu"])
 def test_replica_ports_health_volume_and_shutdown_agree_with_the_server(
-    compose: dict[str, Any], dockerfile: Any, settings_from_env: Any, name: str
+    compose: dict[str, Any], dockerfile: Any, settings_from_env: Any, served_ports: Any, name: str
 ) -> None:
     service = compose["services"][name]
     settings = settings_from_env(service["environment"])
-    # No fixed host port, so `--scale` cannot collide; loopback only on the host.
-    assert {p["target"] for p in service["ports"]} == {settings.grpc_port, settings.metrics_port}
+    # Every port the server listens on (REST, gRPC, metrics), published with no fixed host port, so
+    # `--scale` cannot collide; loopback only on the host.
+    assert sorted(p["target"] for p in service["ports"]) == sorted(served_ports(settings).values())
     assert all("published" not in p and p["host_ip"] == "127.0.0.1" for p in service["ports"])
     # Same health command as the image's HEALTHCHECK (`sh -c SCRIPT` there, CMD-SHELL here; compose
     # reads `$$` as a literal `$`, so the container's shell expands the port).
@@ -167,13 +169,16 @@ def _haproxy_sections(text: str) -> dict[str, list[list[str]]]:
     return sections
 
 
-def test_load_balancer_publishes_one_port_and_balances_the_replicas_by_dns_name(
-    compose: dict[str, Any], settings: Any
+def test_load_balancer_publishes_grpc_and_rest_and_balances_the_replicas_by_dns_name(
+    compose: dict[str, Any], settings: Any, rest_route: Any
 ) -> None:
     lb = compose["services"]["lb"]
-    (port,) = lb["ports"]
-    assert port["target"] == settings.grpc_port
-    assert port["published"] == f"${{CONVSERVE_LB_PORT:-{settings.grpc_port}}}"
+    ports = {p["target"]: p for p in lb["ports"]}
+    assert sorted(ports) == sorted([settings.grpc_port, settings.http_port])
+    overrides = {settings.grpc_port: "CONVSERVE_LB_PORT", settings.http_port: "CONVSERVE_LB_HTTP_PORT"}
+    for target, override in overrides.items():
+        assert ports[target]["published"] == f"${{{override}:-{target}}}"
+        assert ports[target]["host_ip"] == "${CONVSERVE_PUBLISH_IP:-0.0.0.0}"  # both follow the one override
     conf = _mount(lb, "/usr/local/etc/haproxy/haproxy.cfg")  # where the haproxy image reads it
     assert (ROOT / conf["source"]).resolve() == HAPROXY_CFG and conf["read_only"] is True
     sections = _haproxy_sections(HAPROXY_CFG.read_text())
@@ -187,6 +192,21 @@ def test_load_balancer_publishes_one_port_and_balances_the_replicas_by_dns_name(
     assert ["balance", "roundrobin"] in sections["backend convserve"]
     # Only connection failures are retried: a call that reached a replica never runs twice.
     assert ["retry-on", "conn-failure"] in sections["defaults"]
+
+    # v2 REST: HTTP/1.1 in and out, to the same replicas' REST port, by the same DNS name.
+    assert ["bind", f":{settings.http_port}"] in sections["frontend rest"]
+    (backend,) = [w[1] for w in sections["frontend rest"] if w[0] == "default_backend"]
+    rest = sections[f"backend {backend}"]
+    (template,) = [w for w in rest if w[0] == "server-template"]
+    assert template[3] == f"convserve:{settings.http_port}" and "proto" not in template
+    assert template[template.index("resolvers") + 1] == "docker" and "check" in template
+    assert ["balance", "roundrobin"] in rest
+    # Its health check asks readiness, which the server answers without a token and while draining
+    # (503 then), so a draining replica leaves the rotation.
+    (check,) = [w for w in rest if w[:2] == ["option", "httpchk"]]
+    method, path = check[2:]
+    assert method == "GET" and rest_route(path) == ("ready", True, True)
+    assert ["http-check", "expect", "status", "200"] in rest
 
 
 def test_haproxy_config_passes_haproxy_c(system_binary: Any) -> None:

@@ -126,12 +126,16 @@ def test_healthcheck_asks_convserve_health_on_the_configured_grpc_port(
 
 @pytest.mark.parametrize("stage", SERVING_STAGES)
 def test_ports_and_repository_agree_with_the_server_settings(
-    dockerfile: Any, settings_from_env: Any, stage: str
+    dockerfile: Any, settings_from_env: Any, served_ports: Any, stage: str
 ) -> None:
     s = dockerfile.stages[stage]
-    settings = settings_from_env({k: v for k, v in s.env().items() if k.startswith("CONVSERVE_")})
+    env = {k: v for k, v in s.env().items() if k.startswith("CONVSERVE_")}
+    settings = settings_from_env(env)
+    # Every port is named in the image (documented by `docker inspect`, not left to a code default) and
+    # exposed: v2 REST, gRPC and /metrics.
+    assert {"CONVSERVE_HTTP_PORT", "CONVSERVE_GRPC_PORT", "CONVSERVE_METRICS_PORT"} <= env.keys()
     (expose,) = s.args_of("EXPOSE")
-    assert {int(p) for p in expose.split()} == {settings.grpc_port, settings.metrics_port}
+    assert sorted(int(p) for p in expose.split()) == sorted(served_ports(settings).values())
     assert settings.host == "0.0.0.0"  # reachable from outside the container
     # The bundled repository is copied root-owned (no --chown): read-only to the server's user.
     assert f"model_repository {settings.model_repository}" in s.args_of("COPY")

@@ -76,27 +76,42 @@ def test_the_validator_rejects_unknown_fields_and_wrong_types(deployment: dict[s
 
 
 def test_container_matches_the_image_and_the_server_settings(
-    container: dict[str, Any], settings: Any, dockerfile: Any, compose: dict[str, Any]
+    container: dict[str, Any], settings: Any, dockerfile: Any, compose: dict[str, Any], served_ports: Any
 ) -> None:
     # compose names it `${CONVSERVE_IMAGE:-<default>}`: the default is the image both deploy.
     assert f"${{CONVSERVE_IMAGE:-{container['image']}}}" == compose["services"]["convserve"]["image"]
     assert "command" not in container and "args" not in container  # the image's `convserve serve`
+    assert "CONVSERVE_HTTP_PORT" in {e["name"] for e in container["env"]}  # named, as in the image
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": settings.grpc_port, "metrics": settings.metrics_port}
+    assert ports == served_ports(settings)  # http (v2 REST), grpc, metrics
     (expose,) = dockerfile.stages["cpu"].args_of("EXPOSE")
-    assert set(ports.values()) == {int(p) for p in expose.split()}
+    assert sorted(ports.values()) == sorted(int(p) for p in expose.split())
     assert settings.host == "0.0.0.0"
     image_env = {k: v for k, v in dockerfile.stages["cpu"].env().items() if k.startswith("CONVSERVE_")}
     assert settings.model_repository == image_env["CONVSERVE_MODEL_REPOSITORY"]
 
 
-def test_probes_use_the_standard_grpc_health_service(container: dict[str, Any], settings: Any) -> None:
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        spec = container[probe]
-        assert spec["grpc"]["port"] == settings.grpc_port
-        assert spec["grpc"].get("service", "") == ""  # the overall server status
+@pytest.mark.parametrize(
+    ("probe", "route"), [("startupProbe", "ready"), ("readinessProbe", "ready"), ("livenessProbe", "live")]
+)
+def test_probes_ask_the_v2_rest_health_endpoints(
+    container: dict[str, Any], settings: Any, rest_route: Any, probe: str, route: str
+) -> None:
+    (kind,) = set(container[probe]) & {"grpc", "httpGet", "tcpSocket", "exec"}
+    assert kind == "httpGet"
+    get = container[probe]["httpGet"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports.get(get["port"], get["port"]) == settings.http_port  # a named port resolves to the REST one
+    # The route the server serves there: answered without a token (probes carry none, whatever the token
+    # settings) and while draining (readiness then says 503, so endpoints drop the pod).
+    assert rest_route(get["path"]) == (route, True, True)
+    # The REST port speaks HTTPS exactly when the server has a certificate.
+    assert get.get("scheme", "HTTP") == ("HTTPS" if settings.tls_enabled else "HTTP")
+
+
+def test_liveness_outlasts_the_drain(container: dict[str, Any], settings: Any) -> None:
     liveness = container["livenessProbe"]
-    # A draining pod answers NOT_SERVING; liveness must not kill it before the drain ends.
+    # Liveness must not kill a draining pod before the drain ends.
     assert liveness["periodSeconds"] * liveness["failureThreshold"] > settings.drain_grace_seconds
 
 
@@ -144,8 +159,14 @@ def test_services_hpa_and_pdb_select_the_deployment(
         assert service["spec"]["selector"].items() <= labels.items()
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in named_ports
-    grpc_port = next(p for p in _one(k8s, "Service", "convserve")["spec"]["ports"] if p["name"] == "grpc")
-    assert grpc_port["appProtocol"] == "kubernetes.io/h2c"
+    service_ports = {p["name"]: p for p in _one(k8s, "Service", "convserve")["spec"]["ports"]}
+    assert service_ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"
+    # The REST port is on the Service under its container port number, like gRPC and metrics.
+    container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert {n: (p["targetPort"], p["port"]) for n, p in service_ports.items()} == {
+        n: (n, port) for n, port in container_ports.items()
+    }
+    assert service_ports["http"]["appProtocol"] == "http"
     assert _one(k8s, "Service", "convserve-headless")["spec"]["clusterIP"] == "None"
     hpa = _one(k8s, "HorizontalPodAutoscaler")["spec"]
     assert hpa["scaleTargetRef"] == {
@@ -211,7 +232,7 @@ def test_serving_runtime_structure(kserve: list[dict[str, Any]]) -> None:
 
 
 def test_serving_runtime_arguments_are_real_serve_flags(
-    kserve: list[dict[str, Any]], settings_from_env: Any, dockerfile: Any
+    kserve: list[dict[str, Any]], settings_from_env: Any, dockerfile: Any, rest_route: Any
 ) -> None:
     from convserve.server.settings import from_args
 
@@ -222,25 +243,38 @@ def test_serving_runtime_arguments_are_real_serve_flags(
     settings_from_env(env)  # only names the server reads
     settings = from_args(container["args"], env=env)  # what `convserve serve ARGS` resolves to
     assert settings.model_repository == "/mnt/models"  # where KServe's storage initializer puts storageUri
+    # The one port Knative routes is the REST port: `http1` is how KServe/Knative name HTTP/1.1 (h2c = gRPC).
     (port,) = container["ports"]
-    assert port["name"] == "h2c" and port["containerPort"] == settings.grpc_port  # h2c = gRPC for KServe
-    assert container["readinessProbe"]["grpc"]["port"] == settings.grpc_port
+    assert port["name"] == "http1" and port["containerPort"] == settings.http_port
+    assert settings.grpc_port > 0  # gRPC listens in the pod too; an InferenceService may declare it
+    probe = container["readinessProbe"]["httpGet"]
+    assert probe["port"] == settings.http_port and probe.get("scheme", "HTTP") == "HTTP"
+    assert rest_route(probe["path"]) == ("ready", True, True)
     assert spec["annotations"]["prometheus.kserve.io/port"] == str(settings.metrics_port)
     assert spec["annotations"]["prometheus.kserve.io/path"] == "/metrics"
     assert container["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
 
 
-def test_inference_service_uses_the_runtime_over_v2_grpc(kserve: list[dict[str, Any]]) -> None:
+def test_inference_service_uses_the_runtime_over_v2_rest_and_grpc(kserve: list[dict[str, Any]]) -> None:
+    from convserve.server.settings import from_args
+
     runtime = _one(kserve, "ServingRuntime")
     isvc = _one(kserve, "InferenceService")
     assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
     model = isvc["spec"]["predictor"]["model"]
     assert model["runtime"] == runtime["metadata"]["name"]
-    assert (
-        model["protocolVersion"] == "grpc-v2"
-        and model["protocolVersion"] in runtime["spec"]["protocolVersions"]
-    )
+    # v2 = REST on the runtime's primary port; the h2c port it adds (KServe merges the two lists by
+    # containerPort) is the runtime's gRPC port, so RawDeployment's Service routes both.
+    assert model["protocolVersion"] == "v2"
+    assert {"v2", "grpc-v2"} <= set(runtime["spec"]["protocolVersions"])
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    (container,) = runtime["spec"]["containers"]
+    settings = from_args(container["args"], env={e["name"]: e["value"] for e in container.get("env", [])})
+    (grpc,) = model["ports"]
+    assert grpc["name"] == "h2c" and grpc["containerPort"] == settings.grpc_port
+    merged = {p["containerPort"]: p["name"] for p in [*container["ports"], *model["ports"]]}
+    assert merged == {settings.http_port: "http1", settings.grpc_port: "h2c"}
     formats = {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
     assert model["modelFormat"]["name"] in formats
     assert model["storageUri"].split("://")[0] in {"pvc", "s3", "gs", "https", "hdfs", "oci"}

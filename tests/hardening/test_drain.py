@@ -1,5 +1,6 @@
 """SIGTERM during a bounded load run against a server subprocess: every request the server accepted gets a
-real, correct answer; the rest are refused with UNAVAILABLE; exit code 0; nothing answered wrongly or twice.
+real, correct answer; the rest are refused with UNAVAILABLE, never CANCELLED; exit code 0; nothing answered
+wrongly or twice. Clients back off after a refusal as a gRPC retry policy would.
 
 The server's JSON access log is the server-side record: each request id sent appears there at most once,
 and the ids it answered OK are exactly the ids the clients received OK.
@@ -57,6 +58,7 @@ def _client(
     with grpc.insecure_channel(address) as channel:
         classifier = classifier_pb2_grpc.ClassifierStub(channel)
         v2 = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        failures = 0
         for n in range(5000):  # bounded; `stop` normally ends the loop far earlier
             if stop.is_set():
                 return
@@ -92,7 +94,9 @@ def _client(
                 code, details, correct = err.code(), err.details() or "", None
             with lock:
                 outcomes.append(Outcome(rid, api, sent, time.monotonic(), code, details, correct))
-            if code != grpc.StatusCode.OK and stop.wait(0.02):
+            # Back off after a refusal as a gRPC retry policy would (50 ms doubling, at most 1 s).
+            failures = 0 if code == grpc.StatusCode.OK else failures + 1
+            if failures and stop.wait(min(1.0, 0.05 * 2 ** (failures - 1))):
                 return
 
 
@@ -156,14 +160,17 @@ def test_sigterm_under_load_loses_nothing(
     log = access_log(sp.log_text())
     seen_by_server = {r["request_id"] for r in log}
     codes = {o.code for o in outcomes}
-    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, {
-        (o.code, o.details) for o in outcomes
-    }
-    # grpc core cancels (CANCELLED) calls that reached the process but were not yet handed to the server's
-    # code when the listener shuts down: never started, so never half-run. The SDK retries them.
-    cancelled = [o for o in outcomes if o.code == grpc.StatusCode.CANCELLED]
-    assert not [o.request_id for o in cancelled if o.request_id in seen_by_server]
-    assert all(o.done >= t_term for o in cancelled)
+    # Never CANCELLED: clients, proxies and gRPC retry policies retry UNAVAILABLE, not CANCELLED.
+    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, [
+        (
+            o.code.name,
+            o.details,
+            f"sent {o.sent - t_term:+.4f} s after SIGTERM",
+            o.request_id in seen_by_server,
+        )
+        for o in outcomes
+        if o.code not in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE)
+    ]
     answered = [o for o in outcomes if o.code == grpc.StatusCode.OK]
     assert all(o.correct for o in answered), [o.request_id for o in answered if not o.correct]
     # In-flight work at SIGTERM was finished, not dropped, and later calls were refused.
@@ -186,8 +193,7 @@ def test_sigterm_under_load_loses_nothing(
     print(
         f"({in_flight} of them in flight at SIGTERM), {len(drained)} refused by the draining server,", end=" "
     )
-    print(f"{len(refused) - len(drained)} refused after exit, {len(cancelled)} cancelled by grpc", end=" ")
-    print(f"before reaching the server, 0 lost, exit code {exit_code}")
+    print(f"{len(refused) - len(drained)} refused after exit, 0 cancelled, 0 lost, exit code {exit_code}")
 
 
 def test_sigterm_then_restart_sdk_clients_lose_nothing(

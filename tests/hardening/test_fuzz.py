@@ -1,6 +1,11 @@
 """Property-based fuzzing of request decoding and validation against a live server: whatever arrives,
 the answer is a precise status (or a result), never UNKNOWN or INTERNAL, and the server keeps serving.
 
+Every field of both request types is drawn: convserve.v1 ClassifyRequest (model, version, images as
+encoded bytes or typed tensors, top_k, request_id) and the v2 ModelInferRequest (model name and version,
+id, request/input/output parameters with each InferParameter oneof member, inputs' datatype, shape and all
+eight typed contents lists, requested outputs, raw contents in any number).
+
 Bounded: ~500 requests in all, no per-example deadline (a busy CI machine), well under 30 s.
 """
 
@@ -19,7 +24,7 @@ from convserve.protos.convserve.v1 import classifier_pb2_grpc
 from convserve.protos.inference import grpc_service_pb2 as v2pb
 from convserve.protos.inference import grpc_service_pb2_grpc
 from google.protobuf.message import DecodeError
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -143,75 +148,136 @@ def classify_request(draw: st.DrawFn) -> pb.ClassifyRequest:
         version=draw(st.one_of(st.integers(-3, 4), st.integers(-(2**63), 2**63 - 1))),
         top_k=draw(st.one_of(st.integers(-2, 12), st.integers(-(2**31), 2**31 - 1))),
         images=draw(st.lists(IMAGE, max_size=4)),
-        request_id=draw(st.text(max_size=20)),
+        request_id=draw(st.one_of(st.text(max_size=20), st.just("r" * 3000))),
     )
 
 
 V2_TYPES = st.one_of(
-    st.sampled_from(["FP32", "BYTES", "UINT8", "INT64", "FP16", "FP64", "fp32", "", "BOOL"]),
+    st.sampled_from(
+        ["FP32", "BYTES", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16",
+         "FP64", "BF16", "BOOL", "fp32", "", "FP32 ", "FP32\x00"]
+    ),
     st.text(max_size=8),
+)  # fmt: skip
+
+# Strings a client might put in a typed parameter: numbers in every spelling (signs, spaces, exponents,
+# Unicode digits and superscripts that str.isdigit() accepts but int() may not), huge numbers, junk.
+PARAM_STRINGS = st.one_of(
+    st.sampled_from(
+        ["3", "-3", "+3", " 3 ", "0", "99", "1e3", "3.0", "0x10", "", " ", "\u00b2", "\u0663", "\u2460",
+         "\uff13", "1" * 5000, "9" * 30, "-" + "9" * 30, "NaN", "inf", "3\x00", "true"]
+    ),
+    st.text(max_size=12),
+)  # fmt: skip
+PARAM_KEYS = st.one_of(
+    st.sampled_from(
+        ["classification", "binary_data", "binary_data_size", "priority", "timeout", "sequence_id"]
+    ),
+    st.text(max_size=10),
 )
 
 
 @st.composite
+def infer_parameter(draw: st.DrawFn) -> v2pb.InferParameter:
+    """An InferParameter with any one of its oneof members set (or none), across each member's full range."""
+    param = v2pb.InferParameter()
+    kind = draw(st.sampled_from(["bool", "int64", "uint64", "string", "double", "unset"]))
+    if kind == "bool":
+        param.bool_param = draw(st.booleans())
+    elif kind == "int64":
+        param.int64_param = draw(st.one_of(st.integers(-3, 12), st.integers(-(2**63), 2**63 - 1)))
+    elif kind == "uint64":
+        param.uint64_param = draw(st.one_of(st.integers(0, 12), st.integers(0, 2**64 - 1)))
+    elif kind == "string":
+        param.string_param = draw(PARAM_STRINGS)
+    elif kind == "double":
+        param.double_param = draw(st.one_of(st.floats(), st.sampled_from([3.0, 2.5, -1.0, 1e300])))
+    return param
+
+
+def _parameters(draw: st.DrawFn, target: Any) -> None:
+    """Fill a ``map<string, InferParameter>``: usually empty, else a few typed entries."""
+    for key in draw(st.lists(PARAM_KEYS, max_size=3, unique=True)):
+        target[key].CopyFrom(draw(infer_parameter()))
+
+
+def _contents(draw: st.DrawFn, contents: Any) -> None:
+    """Set any of InferTensorContents' eight typed lists (bounded), whatever the declared datatype."""
+    fields = draw(
+        st.lists(
+            st.sampled_from(["bool", "int", "int64", "uint", "uint64", "fp32", "fp64", "bytes"]),
+            max_size=2,
+            unique=True,
+        )
+    )
+    for f in fields:
+        if f == "bool":
+            contents.bool_contents.extend(draw(st.lists(st.booleans(), max_size=80)))
+        elif f == "int":
+            contents.int_contents.extend(draw(st.lists(st.integers(-(2**31), 2**31 - 1), max_size=80)))
+        elif f == "int64":
+            contents.int64_contents.extend(draw(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=80)))
+        elif f == "uint":
+            contents.uint_contents.extend(draw(st.lists(st.integers(0, 2**32 - 1), max_size=80)))
+        elif f == "uint64":
+            contents.uint64_contents.extend(draw(st.lists(st.integers(0, 2**64 - 1), max_size=80)))
+        elif f == "fp32":
+            contents.fp32_contents.extend(draw(st.lists(st.floats(width=32), max_size=80)))
+        elif f == "fp64":
+            contents.fp64_contents.extend(draw(st.lists(st.floats(), max_size=80)))
+        else:
+            contents.bytes_contents.extend(draw(st.lists(ENCODED, max_size=3)))
+
+
+@st.composite
 def v2_request(draw: st.DrawFn) -> v2pb.ModelInferRequest:
+    """Every field of ModelInferRequest: names, version, id, request/input/output parameters, each input's
+    datatype, shape and typed contents, requested outputs, and raw contents (in any number)."""
     request = v2pb.ModelInferRequest(
         model_name=draw(NAMES),
         model_version=draw(
             st.one_of(
                 st.sampled_from(
-                    ["", "1", "2", "0", "-1", "99999999999999999999", "../1", "1.0", " 1", "%31"]
+                    ["", "1", "2", "0", "-1", "99999999999999999999", "../1", "1.0", " 1", "%31", "\u00b2"]
                 ),
                 st.text(max_size=8),
             )
         ),
-        id=draw(st.text(max_size=10)),
+        id=draw(st.one_of(st.text(max_size=10), st.just("i" * 3000))),
     )
+    if draw(st.booleans()):
+        _parameters(draw, request.parameters)
     for _ in range(draw(st.integers(0, 2))):
         datatype = draw(V2_TYPES)
         inp = request.inputs.add(
-            name=draw(st.sampled_from(["input", "x", ""])),
+            name=draw(st.one_of(st.sampled_from(["input", "x", "", "input\n"]), st.text(max_size=6))),
             datatype=datatype,
             shape=draw(
                 st.one_of(st.lists(DIMS, max_size=5), st.sampled_from([[1, 1, 8, 8], [2], [1], [2, 1]]))
             ),
         )
-        how = draw(st.sampled_from(["raw", "fp32", "bytes", "none"]))
-        if how == "raw":
+        if draw(st.booleans()):
+            _parameters(draw, inp.parameters)
+        how = draw(st.sampled_from(["raw", "typed", "both", "none"]))
+        if how in ("raw", "both"):
             if datatype == "BYTES" and draw(st.booleans()):
                 blobs = draw(st.lists(ENCODED, max_size=3))
                 request.raw_input_contents.append(b"".join(struct.pack("<I", len(b)) + b for b in blobs))
             else:
                 request.raw_input_contents.append(draw(st.binary(max_size=600)))
-        elif how == "fp32":
-            inp.contents.fp32_contents.extend(draw(st.lists(st.floats(width=32), max_size=80)))
-        elif how == "bytes":
-            inp.contents.bytes_contents.extend(draw(st.lists(ENCODED, max_size=3)))
+        if how in ("typed", "both"):
+            _contents(draw, inp.contents)
+    if draw(st.integers(0, 5)) == 0:  # raw contents not matching the inputs in number
+        request.raw_input_contents.append(draw(st.binary(max_size=64)))
     for _ in range(draw(st.integers(0, 2))):
-        out = request.outputs.add(name=draw(st.sampled_from(["logits", "probs", ""])))
+        out = request.outputs.add(name=draw(st.sampled_from(["logits", "probs", "", "logits "])))
         if draw(st.booleans()):
-            _fuzz_param(draw, out.parameters["classification"])
+            _parameters(draw, out.parameters)
+        if draw(st.booleans()):
+            out.parameters["classification"].CopyFrom(draw(infer_parameter()))
     if draw(st.booleans()):
-        _fuzz_param(draw, request.parameters["classification"])
+        request.parameters["classification"].CopyFrom(draw(infer_parameter()))
     return request
-
-
-def _fuzz_param(draw: st.DrawFn, param: Any) -> None:
-    kind = draw(
-        st.sampled_from(["int64_param", "uint64_param", "string_param", "bool_param", "double_param"])
-    )
-    if kind == "int64_param":
-        param.int64_param = draw(st.integers(-(2**63), 2**63 - 1))
-    elif kind == "uint64_param":
-        param.uint64_param = draw(st.integers(0, 2**64 - 1))
-    elif kind == "string_param":
-        param.string_param = draw(
-            st.one_of(st.text(max_size=12), st.sampled_from(["3", "-3", "99", "1e3", ""]))
-        )
-    elif kind == "bool_param":
-        param.bool_param = draw(st.booleans())
-    else:
-        param.double_param = draw(st.floats())
 
 
 def _code(method: Any, request: Any) -> grpc.StatusCode:
@@ -229,8 +295,28 @@ def test_fuzz_classify(classifier: Any, request: pb.ClassifyRequest) -> None:
     _code(classifier.Classify, request)
 
 
-@FUZZ
+def _known_hard(where: str, value: str) -> v2pb.ModelInferRequest:
+    """A good gray request whose classification parameter (request- or output-level) is ``value``."""
+    request = v2pb.ModelInferRequest(model_name="gray")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8])
+    request.raw_input_contents.append(np.zeros(64, "<f4").tobytes())
+    params = request.parameters if where == "request" else request.outputs.add(name="logits").parameters
+    params["classification"].string_param = value
+    return request
+
+
+def _typed_and_raw() -> v2pb.ModelInferRequest:
+    request = _known_hard("request", "2")
+    request.inputs[0].contents.fp32_contents.extend([0.0] * 64)
+    return request
+
+
+@settings(FUZZ, max_examples=300)
 @given(request=v2_request())
+@example(request=_known_hard("request", "\u00b2"))  # str.isdigit() says yes, int() says no
+@example(request=_known_hard("output", "\u0663"))
+@example(request=_known_hard("output", "1" * 5000))  # over Python's int() digit limit
+@example(request=_typed_and_raw())
 def test_fuzz_model_infer(v2: Any, request: v2pb.ModelInferRequest) -> None:
     _code(v2.ModelInfer, request)
 

@@ -4,6 +4,7 @@ numbers are compared with ONNX Runtime run in-process on the same model file."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 from pathlib import Path
 from typing import Any
@@ -335,10 +336,22 @@ def test_a_long_or_odd_request_id_is_not_echoed(rest: str) -> None:
 
 
 def test_a_full_batcher_queue_is_429(server_factory: Any) -> None:
+    """A request bigger than the queue flows through it one share at a time (fair admission: answered);
+    single images that find the queue full while the slow model is busy are refused at once with 429."""
     handle = server_factory(max_queue_size=2)
-    x = _batch(3, 15)  # three images can never fit a queue bounded at two
+    x = _batch(3, 15)  # three images never fit a queue bounded at two at once: they go one share at a time
     reply = post_json(f"{handle.http_url}/v2/models/gray/infer", {"inputs": [_json_input(x)]})
-    assert reply.status == 429 and "queue" in reply.error, reply.body
+    assert reply.status == 200 and reply.json()["outputs"][0]["shape"] == [3, 4], reply.body
+    slow = f"{handle.http_url}/v2/models/slow/infer"
+    big = _batch(12, 16, (3, 48, 48))  # ~10 ms per image, one at a time
+    with concurrent.futures.ThreadPoolExecutor(9) as pool:
+        long_one = pool.submit(post_json, slow, {"inputs": [_json_input(big)]})
+        singles = [pool.submit(post_json, slow, {"inputs": [_json_input(big[:1])]}) for _ in range(8)]
+        replies = [f.result(timeout=60) for f in singles]
+        assert long_one.result(timeout=60).status == 200
+    assert {r.status for r in replies} <= {200, 429}, [r.body for r in replies]
+    refused = [r for r in replies if r.status == 429]
+    assert refused and "queue" in refused[0].error, [r.status for r in replies]
     assert (
         post_json(f"{handle.http_url}/v2/models/gray/infer", {"inputs": [_json_input(x[:1])]}).status == 200
     )

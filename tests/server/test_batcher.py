@@ -196,24 +196,95 @@ def test_queue_bound_counts_images_and_refuses_at_once():
     gate = Gate()
 
     async def main():
-        b = Batcher(gate, max_batch_size=8, max_queue_size=4)
+        b = Batcher(gate, max_batch_size=8, max_queue_size=16)
         b.start()
         running = asyncio.create_task(b.submit(ids(0, 1)))
         await gate.wait_entered()  # taken by the worker: no longer counts
-        queued = [asyncio.create_task(b.submit(ids(1, 3))), asyncio.create_task(b.submit(ids(4, 1)))]
-        await until_queued(b, 4)
+        queued = [asyncio.create_task(b.submit(ids(1 + 4 * i, 4))) for i in range(4)]  # 4 shares of 4
+        await until_queued(b, 16)
         t0 = time.perf_counter()
-        with pytest.raises(QueueFullError, match="4 images queued, limit 4, request has 1"):
-            await b.submit(ids(5, 1))
+        with pytest.raises(QueueFullError, match="16 images queued, limit 16, request has 1"):
+            await b.submit(ids(17, 1))
         refused_in = time.perf_counter() - t0
         gate.open()
         await asyncio.gather(running, *queued)
-        await b.submit(ids(6, 4))  # room again once drained
+        await b.submit(ids(18, 4))  # room again once drained
         await b.stop()
         return refused_in
 
     assert run_async(main()) < 0.5
-    assert 5 not in gate.seen_ids()
+    assert 17 not in gate.seen_ids()
+
+
+def test_big_requests_hold_one_share_and_leave_room_for_small_ones():
+    """Two requests as big as the whole queue flow through one share (8 // 4 = 2 images) at a time instead
+    of filling it: small requests arriving meanwhile are queued, not refused, and everyone gets its rows."""
+    gate = Gate()
+
+    async def main():
+        b = Batcher(gate, max_batch_size=2, max_queue_size=8)
+        b.start()
+        running = asyncio.create_task(b.submit(ids(0, 1)))
+        await gate.wait_entered()
+        big = [asyncio.create_task(b.submit(ids(100, 8))), asyncio.create_task(b.submit(ids(200, 8)))]
+        await until_queued(b, 4)
+        small = [asyncio.create_task(b.submit(ids(10 + i, 1))) for i in range(4)]
+        await until_queued(b, 8)
+        assert b.depth == 8  # 2 shares + 4 small requests: nothing refused
+        gate.open()
+        return await asyncio.gather(running, *big, *small)
+
+    outs = run_async(main())
+    assert outs[1][:, 0].tolist() == list(range(100, 108))
+    assert outs[2][:, 0].tolist() == list(range(200, 208))
+    assert [o[0, 0] for o in outs[3:]] == [10, 11, 12, 13]
+
+
+def test_request_waiting_for_room_fails_at_its_deadline_and_never_runs():
+    gate = Gate()
+
+    async def main():
+        b = Batcher(gate, max_batch_size=8, max_queue_size=8)
+        b.start()
+        running = asyncio.create_task(b.submit(ids(0, 1)))
+        await gate.wait_entered()
+        queued = [asyncio.create_task(b.submit(ids(1 + 2 * i, 2))) for i in range(4)]
+        await until_queued(b, 8)
+        with pytest.raises(DeadlineExpiredError, match="waiting for room"):
+            await b.submit(ids(50, 4), deadline=time.monotonic() + 0.05)  # bigger than a share: waits
+        gate.open()
+        await asyncio.gather(running, *queued)
+        await b.stop()
+
+    run_async(main())
+    assert 50 not in gate.seen_ids()
+
+
+def test_backpressure_valve_shuts_while_a_stream_message_waits_for_room():
+    from convserve.server.batcher import Backpressure
+
+    gate = Gate()
+
+    async def main():
+        b = Batcher(gate, max_batch_size=8, max_queue_size=4)  # waiting requests stay below 4 - 1
+        b.start()
+        running = asyncio.create_task(b.submit(ids(0, 1)))
+        await gate.wait_entered()
+        queued = [asyncio.create_task(b.submit(ids(1 + i, 1))) for i in range(3)]
+        await until_queued(b, 3)
+        valve = Backpressure()
+        waiting = asyncio.create_task(b.submit(ids(9, 1), backpressure=valve))
+        for _ in range(100):
+            await asyncio.sleep(0)
+        assert valve.shut and not waiting.done()  # a full queue: the message waits, it is not refused
+        gate.open()
+        await asyncio.wait_for(valve.wait_open(), WAIT)
+        out = await waiting
+        await asyncio.gather(running, *queued)
+        await b.stop()
+        return out
+
+    assert run_async(main())[0, 0] == 9
 
 
 def test_deadline_passing_in_queue_fails_request_and_it_never_runs():

@@ -11,6 +11,8 @@ import json
 import os
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,3 +105,37 @@ def network(deploy: Deploy) -> Iterator[str]:
         yield name
     finally:
         deploy.docker("network", "rm", name, check=False)
+
+
+def _rest(port: int, path: str, body: Any = None, timeout: float = 10) -> tuple[int, Any]:
+    """One v2 REST request to 127.0.0.1:``port`` (POST with ``body`` as JSON, else GET) → (status, JSON
+    body or None). Error statuses are returned, not raised, so a test can wait for 200."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method="GET" if data is None
+                                     else "POST", headers={"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            status, raw = reply.status, reply.read()
+    except urllib.error.HTTPError as error:
+        status, raw = error.code, error.read()
+    except OSError:  # refused or reset: the port is not serving (yet)
+        return 0, None
+    return status, json.loads(raw) if raw else None
+
+
+def _infer_request(batch: Any) -> dict[str, Any]:
+    """A v2 infer request body with ``batch`` (float32 NCHW) as the JSON tensor of the bundled model."""
+    return {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(batch.shape),
+                        "data": batch.ravel().tolist()}]}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def rest() -> Callable[..., tuple[int, Any]]:
+    """``rest(port, path, body=None, timeout=10)`` → (status, JSON or None): one v2 REST call on loopback."""
+    return _rest
+
+
+@pytest.fixture(scope="session")
+def infer_request() -> Callable[[Any], dict[str, Any]]:
+    """``infer_request(batch)`` → a v2 infer request body for the bundled model (JSON FP32 tensor)."""
+    return _infer_request

@@ -1,6 +1,6 @@
 """docker-compose.yml run for real with compose v2: two convserve replicas behind the load balancer,
-Prometheus scraping both, calls through the balancer spread over both, and `docker compose stop`
-draining every replica to exit status 0. The gpu and train profiles pass `config`."""
+Prometheus scraping both, gRPC and v2 REST calls through the balancer spread over both, and
+`docker compose stop` draining every replica to exit status 0. The gpu and train profiles pass `config`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 CALLS = 40
+REST_CALLS = 20
 REPLICAS = 2
 
 
@@ -34,7 +35,7 @@ def test_other_profiles_pass_compose_config(deploy: Any, profile: str) -> None:
 
 
 def test_stack_balances_over_two_replicas_prometheus_scrapes_both_and_stop_drains(
-    deploy: Any, encode_png: Any
+    deploy: Any, encode_png: Any, rest: Any, infer_request: Any
 ) -> None:
     from convserve.client import Client
 
@@ -45,6 +46,7 @@ def test_stack_balances_over_two_replicas_prometheus_scrapes_both_and_stop_drain
         "CONVSERVE_PROMETHEUS_IMAGE": deploy.prometheus_image,
         "CONVSERVE_PUBLISH_IP": "127.0.0.1",  # test traffic stays on loopback
         "CONVSERVE_LB_PORT": "0",  # ephemeral: never collides with a developer's running stack
+        "CONVSERVE_LB_HTTP_PORT": "0",
         "CONVSERVE_PROMETHEUS_PORT": "0",
     }
     try:
@@ -58,6 +60,7 @@ def test_stack_balances_over_two_replicas_prometheus_scrapes_both_and_stop_drain
         (lb,) = deploy.compose(project, "ps", "-q", "lb", env=env).stdout.split()
         (prom,) = deploy.compose(project, "ps", "-q", "prometheus", env=env).stdout.split()
         lb_port, prom_port = deploy.published_port(lb, 8001), deploy.published_port(prom, 9090)
+        lb_http_port = deploy.published_port(lb, 8000)
 
         image = encode_png(np.eye(28, dtype=np.uint8) * 255)  # a diagonal stroke: any valid 28x28 image
         for cid in replicas:  # each replica SERVING on its own published port before counting
@@ -80,6 +83,37 @@ def test_stack_balances_over_two_replicas_prometheus_scrapes_both_and_stop_drain
         served = {cid: _requests_total(port) - before[cid] for cid, port in metrics.items()}
         assert sum(served.values()) == CALLS, served
         assert all(n >= CALLS // (REPLICAS * 4) for n in served.values()), f"calls per replica: {served}"
+
+        # v2 REST, on each replica's own published port and through the balancer's REST port.
+        zeros = infer_request(np.zeros((1, 1, 28, 28), dtype=np.float32))
+        for cid in replicas:
+            port = deploy.published_port(cid, 8000)
+            assert rest(port, "/v2/health/ready") == (200, None)
+            status, reply = rest(port, "/v2/models/digits_lenet/infer", zeros)
+            assert status == 200 and reply["outputs"][0]["shape"] == [1, 10], reply
+        expected = reply["outputs"][0]["data"]  # the same model on every replica: the same logits
+
+        # The balancer health-checks each replica's readiness every 2 s: call (a bounded number of times)
+        # until it answers REST, and until each replica has answered one REST call through it.
+        def lb_ready() -> bool:
+            return rest(lb_http_port, "/v2/health/ready")[0] == 200
+
+        deploy.wait_for("REST ready through the balancer", lb_ready, timeout=30)
+        start = {cid: _requests_total(port) for cid, port in metrics.items()}
+
+        def every_replica_reached_over_rest() -> bool:
+            assert rest(lb_http_port, "/v2/models/digits_lenet/infer", zeros)[0] == 200
+            return all(_requests_total(port) > start[cid] for cid, port in metrics.items())
+
+        deploy.wait_for("REST through the balancer reaching both replicas", every_replica_reached_over_rest,
+                        timeout=30, interval=0.1)  # fmt: skip
+        before = {cid: _requests_total(port) for cid, port in metrics.items()}
+        for _ in range(REST_CALLS):
+            status, reply = rest(lb_http_port, "/v2/models/digits_lenet/infer", zeros)
+            assert status == 200 and reply["outputs"][0]["data"] == expected, reply
+        served = {cid: _requests_total(port) - before[cid] for cid, port in metrics.items()}
+        assert sum(served.values()) == REST_CALLS, served
+        assert all(n >= REST_CALLS // (REPLICAS * 4) for n in served.values()), f"REST per replica: {served}"
 
         def both_scraped() -> Any:
             targets = _prometheus(prom_port, "/api/v1/targets")["activeTargets"]

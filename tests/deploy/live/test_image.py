@@ -1,6 +1,7 @@
 """The cpu image run for real: non-root, read-only root, no capabilities, health and classify through a
-published loopback port, answers equal to an independent ONNX Runtime run, HEALTHCHECK healthy on the
-default and a non-default port, and SIGTERM drains with exit status 0 within the grace period."""
+published loopback port (gRPC and v2 REST), answers equal to an independent ONNX Runtime run,
+HEALTHCHECK healthy on the default and a non-default port, and SIGTERM drains with exit status 0 within
+the grace period."""
 
 from __future__ import annotations
 
@@ -71,10 +72,11 @@ def _digits(count: int) -> tuple[np.ndarray, np.ndarray]:
 
 def test_image_runs_non_root_read_only_and_classifies_like_onnx_runtime(
     deploy: Any, run_image: Callable[..., str], run_reference: Callable[..., np.ndarray],
-    encode_png: Callable[..., bytes], tmp_path: Path,
+    encode_png: Callable[..., bytes], rest: Callable[..., Any], infer_request: Callable[..., Any],
+    tmp_path: Path,
 ) -> None:  # fmt: skip
-    name = run_image("-p", "127.0.0.1::8001", "-p", "127.0.0.1::8002")
-    port = deploy.published_port(name, 8001)
+    name = run_image("-p", "127.0.0.1::8000", "-p", "127.0.0.1::8001", "-p", "127.0.0.1::8002")
+    port, http_port = deploy.published_port(name, 8001), deploy.published_port(name, 8000)
     _serving(deploy, name, port)
 
     # The server process (pid 1, exec-form entrypoint) runs as the image's numeric user.
@@ -99,10 +101,15 @@ def test_image_runs_non_root_read_only_and_classifies_like_onnx_runtime(
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [Path(r["file"]).name for r in rows] == [f.name for f in files]
 
+    from convserve.server.model_config import load_config
+    from convserve.server.preprocess import decode_image
+
     config = json.loads((MODEL.parent.parent / "config.json").read_text())
-    pre = config["preprocessing"]
-    batch = (images[:, None].astype(np.float32) / 255 - pre["mean"][0]) / pre["std"][0]  # (N, 1, 28, 28)
-    logits = run_reference(MODEL, batch)
+    # The PNGs preprocessed here by the model's own config (whatever steps it names: ink fitting,
+    # polarity, mean/std), then run by a fresh ONNX Runtime session outside the container.
+    cfg = load_config(MODEL.parent.parent)
+    pixels = np.stack([decode_image(f.read_bytes(), cfg) for f in files])  # (N, 1, 28, 28)
+    logits = run_reference(MODEL, pixels)
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     for row, expected in zip(rows, probs, strict=True):
@@ -111,6 +118,20 @@ def test_image_runs_non_root_read_only_and_classifies_like_onnx_runtime(
         got = [p["probability"] for p in row["predictions"]]
         np.testing.assert_allclose(got, np.sort(expected)[::-1][:3], atol=1e-5)
         assert row["predictions"][0]["label"] == config["labels"][top[0]]
+
+    # The v2 REST port (8000 in the image), through its published port: readiness without a token, and
+    # a raw tensor (the digits scaled by the config's mean/std; tensors skip image preprocessing) gives
+    # the logits of the reference run on the same tensor.
+    assert rest(http_port, "/v2/health/ready") == (200, None)
+    assert rest(http_port, "/v2/health/live") == (200, None)
+    pre = config["preprocessing"]
+    batch = (images[:, None].astype(np.float32) / 255 - pre["mean"][0]) / pre["std"][0]  # (N, 1, 28, 28)
+    logits = run_reference(MODEL, batch)
+    status, reply = rest(http_port, "/v2/models/digits_lenet/infer", infer_request(batch), timeout=30)
+    assert status == 200, reply
+    (output,) = reply["outputs"]
+    assert output["shape"] == list(logits.shape) and output["datatype"] == "FP32"
+    np.testing.assert_allclose(np.reshape(output["data"], logits.shape), logits, rtol=1e-4, atol=1e-4)
 
 
 def test_sigterm_drains_and_exits_0_within_the_grace_period_with_every_log_line_json(
