@@ -122,3 +122,18 @@ def test_dust_is_filtered_but_a_one_pixel_pen_line_is_kept() -> None:
     # still there (fainter once shrunk to the box): the median filter is skipped when it would erase the ink
     assert (out > -0.8).sum() > 30
     assert 18 <= _geometry(out[0] + 1)[2] <= 22
+
+
+def test_big_images_are_box_averaged_before_the_ink_is_normalised() -> None:
+    """A photo-sized image is reduced to at most INK_WORK_SIDE pixels a side first: the model sees a 28-pixel
+    window, and normalising 16 Mpx at full size cost over a second of CPU per image (issue #12's stall)."""
+    from convserve.server.preprocess import INK_WORK_SIDE
+
+    big = _seven((3000, 2000), (900, 500), 25.0, paper=230, ink=20)
+    factor = -(-3000 // INK_WORK_SIDE)
+    got = image_to_array(big, INK)
+    np.testing.assert_array_equal(got, image_to_array(big.reduce(factor), INK))
+    cy, cx, _, _ = _geometry(got[0] - got[0].min())
+    assert abs(cy - 14) < 2 and abs(cx - 14) < 2  # still a centred digit
+    small = _seven((64, 64), (10, 10), 1.0)
+    assert max(small.size) <= INK_WORK_SIDE  # training-sized images are untouched by the reduction
