@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -335,6 +336,11 @@ def test_a_long_or_odd_request_id_is_not_echoed(rest: str) -> None:
     assert reply.status == 200 and reply.json()["id"] == reply.headers["x-request-id"]
 
 
+def _executions(rest: str, model: str) -> int:
+    stats = get(f"{rest}/v2/models/{model}/stats").json()["model_stats"]
+    return sum(int(s["execution_count"]) for s in stats)
+
+
 def test_a_full_batcher_queue_is_429(server_factory: Any) -> None:
     """A request bigger than the queue flows through it one share at a time (fair admission: answered);
     single images that find the queue full while the slow model is busy are refused at once with 429."""
@@ -343,10 +349,25 @@ def test_a_full_batcher_queue_is_429(server_factory: Any) -> None:
     reply = post_json(f"{handle.http_url}/v2/models/gray/infer", {"inputs": [_json_input(x)]})
     assert reply.status == 200 and reply.json()["outputs"][0]["shape"] == [3, 4], reply.body
     slow = f"{handle.http_url}/v2/models/slow/infer"
-    big = _batch(12, 16, (3, 48, 48))  # ~10 ms per image, one at a time
+    big = _batch(64, 16, (3, 48, 48))  # ~10 ms per image, one at a time: the model stays busy for ~0.6 s
+    header = {
+        "inputs": [
+            {"name": "input", "datatype": "FP32", "shape": list(big.shape),
+             "parameters": {"binary_data_size": big.nbytes}}
+        ]
+    }  # fmt: skip
+    single = json.dumps({"inputs": [_json_input(big[:1])]}).encode()
     with concurrent.futures.ThreadPoolExecutor(9) as pool:
-        long_one = pool.submit(post_json, slow, {"inputs": [_json_input(big)]})
-        singles = [pool.submit(post_json, slow, {"inputs": [_json_input(big[:1])]}) for _ in range(8)]
+        long_one = pool.submit(post_binary, slow, header, big.tobytes())
+        # Fire the singles only once the long request is executing, so they surely meet a busy model and
+        # a queue holding its next share (timing on a loaded box decides nothing).
+        deadline = time.monotonic() + 30
+        while _executions(handle.http_url, "slow") == 0:
+            assert time.monotonic() < deadline and not long_one.done(), "the long request never started"
+            time.sleep(0.002)
+        singles = [
+            pool.submit(call, "POST", slow, single, {"Content-Type": "application/json"}) for _ in range(8)
+        ]
         replies = [f.result(timeout=60) for f in singles]
         assert long_one.result(timeout=60).status == 200
     assert {r.status for r in replies} <= {200, 429}, [r.body for r in replies]
