@@ -1,19 +1,20 @@
-"""Every Prometheus metric family convserve exports, declared once with its buckets; the /metrics endpoint.
+"""The convserve metrics facade: which label values are allowed, the lifecycle gauges, the /metrics endpoint.
 
-Latency buckets (seconds), shared by the end-to-end and per-stage histograms so that stages can be compared
-and summed bucket by bucket: 100 µs … 10 s, dense between 1 ms and 50 ms where a LeNet request (≈0.3–2 ms)
-and a ResNet-18 batch on CPU (≈15–150 ms) land, so `histogram_quantile` interpolates within a few percent
-there instead of across a decade. Batch-size buckets are the powers of two up to 256, which is where
-`max_batch_size` and preferred batch sizes sit in practice.
+The per-request families (requests, images, failures, the duration, stage and batch-size histograms,
+in-flight, queue depth) are plain counts per (model, version) in `metric_counts.SeriesCounts`, recorded by
+each version's ``ModelStats`` under the lock it takes anyway and turned into Prometheus families by one
+collector when /metrics is read (`metric_counts` has their buckets and why). The lifecycle families
+(model_state, model_info, build_info, start_time) change only when a model loads or the process starts and
+stay ordinary prometheus_client gauges.
 
 Label values never come from a client unchecked: a (model, version) pair becomes a label only once the
 repository has announced it through `set_model_state` (or `register_model`); anything else is recorded
 under model="" / version="" so that a flood of made-up model names cannot create new time series.
 `api` is one of `API_NAMES`, `code` a gRPC status name, and `reason` a domain error's fixed reason string.
 
-Recording is cheap: the labelled children for each (model, version) are resolved once and cached, so the
-hot path does a dict lookup and an `observe`, never a `.labels()` call. `Metrics(enabled=False)` records
-nothing at all and is what the metrics-off benchmark runs.
+Recording a request costs dict and list additions under one lock (≈1 µs on top of the Triton counters in
+`benchmarks/metrics_cost.py`). `Metrics(enabled=False)` registers no collector and records nothing: the
+request path does no Prometheus work at all, which is what the metrics-off benchmark runs.
 """
 
 from __future__ import annotations
@@ -31,12 +32,20 @@ import grpc
 import prometheus_client
 from prometheus_client import (
     CollectorRegistry,
-    Counter,
     Gauge,
     GCCollector,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
+)
+
+from .metric_counts import (
+    API_NAMES,
+    BATCH_SIZE_BUCKETS,
+    LATENCY_BUCKETS,
+    STAGES,
+    CountsCollector,
+    SeriesCounts,
+    observe,
 )
 
 __all__ = [
@@ -50,17 +59,6 @@ __all__ = [
     "RequestHandle",
 ]
 
-# Seconds. Dense around 1–50 ms (see the module docstring); +Inf is added by prometheus_client.
-LATENCY_BUCKETS: tuple[float, ...] = (
-    0.0001, 0.00025, 0.0005, 0.00075,
-    0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075,
-    0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
-BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-API_NAMES: tuple[str, ...] = ("classify", "v2", "rest")
-STAGES: tuple[str, ...] = ("queue", "preprocess", "inference", "postprocess")
 MODEL_STATES: tuple[str, ...] = ("loading", "ready", "failed", "unloading")
 _CODES = frozenset(code.name for code in grpc.StatusCode)
 _UNKNOWN_API = "other"
@@ -69,35 +67,34 @@ _UNKNOWN_API = "other"
 prometheus_client.disable_created_metrics()
 
 _MV = ("model", "version")
-_MVA = ("model", "version", "api")
 
 
 class RequestHandle:
     """The object `Metrics.request` yields: set `.code` to the gRPC status name the call ends with."""
 
-    __slots__ = ("_duration", "_inflight", "_series", "_start", "api", "code")
+    __slots__ = ("_counts", "_start", "api", "code")
 
-    def __init__(self, series: _Series, api: str) -> None:
-        self._series = series
+    def __init__(self, counts: SeriesCounts, api: str) -> None:
+        self._counts = counts
         self.api = api
         self.code = "OK"
-        self._duration, self._inflight = series.api_children(api)
 
     def __enter__(self) -> RequestHandle:
-        self._inflight.inc()
+        with self._counts.lock:
+            self._counts.start(self.api)
         self._start = time.perf_counter()
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         elapsed = time.perf_counter() - self._start
-        self._inflight.dec()
         code = self.code
         if exc is not None and code == "OK":
             code = _code_for_exception(exc)
         elif code not in _CODES:
             code = "UNKNOWN"
-        self._duration.observe(elapsed)
-        self._series.requests(self.api, code).inc()
+        with self._counts.lock:
+            # Failures and images are counted by their own calls (`Metrics.failure`, `Metrics.images`).
+            self._counts.finish(self.api, code, "", elapsed, 0)
 
 
 class _NullRequest:
@@ -117,19 +114,22 @@ class _NullRequest:
 
 
 class _StageTimer:
-    """Observes one stage histogram child with perf_counter."""
+    """Observes one stage histogram of a series with perf_counter."""
 
-    __slots__ = ("_histogram", "_start")
+    __slots__ = ("_counts", "_histogram", "_start")
 
-    def __init__(self, histogram: Any) -> None:
-        self._histogram = histogram
+    def __init__(self, counts: SeriesCounts, stage: str) -> None:
+        self._counts = counts
+        self._histogram = counts.stages[stage]
 
     def __enter__(self) -> _StageTimer:
         self._start = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._histogram.observe(time.perf_counter() - self._start)
+        elapsed = time.perf_counter() - self._start
+        with self._counts.lock:
+            observe(self._histogram, LATENCY_BUCKETS, elapsed)
 
 
 class _NullStage:
@@ -149,121 +149,39 @@ _NULL_STAGE = _NullStage()
 class ModelObserver:
     """Pre-resolved recorders for one (model, version): what a batcher calls per batch, with no lookups."""
 
-    __slots__ = ("_batch", "_depth", "_queue")
+    __slots__ = ("_counts",)
 
-    def __init__(self, batch: Any, queue: Any, depth: Any) -> None:
-        self._batch = batch
-        self._queue = queue
-        self._depth = depth
+    def __init__(self, counts: SeriesCounts | None) -> None:
+        self._counts = counts
 
     def observe_batch(self, size: int) -> None:
         """One executed ONNX Runtime run of `size` images."""
-        if self._batch is not None:
-            self._batch.observe(size)
+        c = self._counts
+        if c is not None:
+            with c.lock:
+                observe(c.batch, BATCH_SIZE_BUCKETS, size)
 
     def observe_queue_wait(self, seconds: float) -> None:
         """Time one request spent queued before its batch started."""
-        if self._queue is not None:
-            self._queue.observe(seconds)
+        c = self._counts
+        if c is not None:
+            with c.lock:
+                c.queued(seconds)
 
     def set_queue_depth(self, n: int) -> None:
         """Images currently waiting in the batcher's queue."""
-        if self._depth is not None:
-            self._depth.set(n)
+        if self._counts is not None:
+            self._counts.queue_depth = n  # one attribute store: atomic, no lock needed
 
 
-_NULL_OBSERVER = ModelObserver(None, None, None)
+_NULL_OBSERVER = ModelObserver(None)
 
 
-class _Series:
-    """The labelled children of one (model, version), resolved once and then read from dicts.
-
-    Children keyed by api/code/reason are created on first use, so /metrics shows only series that happened.
-    """
-
-    def __init__(self, families: _Families, model: str, version: str) -> None:
-        self.model = model
-        self.version = version
-        self._f = families
-        self.stages = {stage: families.stages[stage].labels(model, version) for stage in STAGES}
-        self.batch = families.batch_size.labels(model, version)
-        self.queue_depth = families.queue_depth.labels(model, version)
-        self.observer = ModelObserver(self.batch, self.stages["queue"], self.queue_depth)
-        self.duration: dict[str, Any] = {}
-        self.inflight: dict[str, Any] = {}
-        self._images: dict[str, Any] = {}
-        self._requests: dict[tuple[str, str], Any] = {}
-        self._failures: dict[tuple[str, str], Any] = {}
-
-    def api_children(self, api: str) -> tuple[Any, Any]:
-        """(duration histogram, in-flight gauge) for an api."""
-        duration = self.duration.get(api)
-        if duration is None:
-            duration = self.duration[api] = self._f.duration.labels(self.model, self.version, api)
-            self.inflight[api] = self._f.inflight.labels(self.model, self.version, api)
-        return duration, self.inflight[api]
-
-    def images(self, api: str) -> Any:
-        child = self._images.get(api)
-        if child is None:
-            child = self._images[api] = self._f.images.labels(self.model, self.version, api)
-        return child
-
-    def requests(self, api: str, code: str) -> Any:
-        child = self._requests.get((api, code))
-        if child is None:
-            child = self._requests[(api, code)] = self._f.requests.labels(self.model, self.version, api, code)
-        return child
-
-    def failures(self, api: str, reason: str) -> Any:
-        child = self._failures.get((api, reason))
-        if child is None:
-            child = self._f.failures.labels(self.model, self.version, api, reason)
-            self._failures[(api, reason)] = child
-        return child
-
-
-class _Families:
-    """The metric families, registered on one registry."""
+class _LifecycleFamilies:
+    """The families that change only when a model version loads or the process starts."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
-        self.requests = Counter(
-            "convserve_requests", "Inference requests finished, by gRPC status code.",
-            (*_MVA, "code"), registry=r,
-        )  # fmt: skip
-        self.images = Counter(
-            "convserve_images", "Images (inferences) processed successfully.", _MVA, registry=r
-        )
-        self.failures = Counter(
-            "convserve_request_failures", "Failed inference requests, by reason.",
-            (*_MVA, "reason"), registry=r,
-        )  # fmt: skip
-        self.duration = Histogram(
-            "convserve_request_duration_seconds",
-            "Server-side end-to-end duration of an inference request, from arrival to reply.",
-            _MVA, buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        stage_help = {
-            "queue": ("convserve_queue_wait_seconds", "Time a request waited in the batcher queue."),
-            "preprocess": ("convserve_preprocess_seconds", "Decode, resize and normalise time per request."),
-            "inference": ("convserve_inference_seconds", "ONNX Runtime run time per executed batch."),
-            "postprocess": ("convserve_postprocess_seconds", "Softmax and top-k time per request."),
-        }
-        self.stages = {
-            stage: Histogram(name, doc, _MV, buckets=LATENCY_BUCKETS, registry=r)
-            for stage, (name, doc) in stage_help.items()
-        }
-        self.batch_size = Histogram(
-            "convserve_batch_size", "Images per executed ONNX Runtime run.", _MV,
-            buckets=BATCH_SIZE_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.inflight = Gauge(
-            "convserve_inflight_requests", "Inference requests being handled right now.", _MVA, registry=r
-        )
-        self.queue_depth = Gauge(
-            "convserve_queue_depth", "Images waiting in the batcher queue.", _MV, registry=r
-        )
         self.model_state = Gauge(
             "convserve_model_state", "1 for the state each model version is in, 0 for the others.",
             (*_MV, "state"), registry=r,
@@ -307,7 +225,7 @@ class Metrics:
     """convserve's metrics on one registry; inject a fresh one per server so tests can run several.
 
     `registry=None` creates a private registry with the standard process, platform and GC collectors.
-    `enabled=False` returns shared no-op recorders from every method: the metrics-off path costs a call.
+    `enabled=False` returns shared no-op recorders from every method and registers nothing.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None, *, enabled: bool = True) -> None:
@@ -321,13 +239,15 @@ class Metrics:
         self._lock = threading.Lock()
         self._known: set[tuple[str, str]] = set()
         self._known_models: set[str] = set()
-        self._series: dict[tuple[str, str], _Series] = {}
+        self._series: dict[tuple[str, str], SeriesCounts] = {}
         self._provider: dict[tuple[str, str], str] = {}
         self._http: Any = None
         self._http_thread: threading.Thread | None = None
         if not enabled:
             return
-        self._f = _Families(registry)
+        # Registered first: the per-request families lead the exposition, as they always have.
+        registry.register(CountsCollector(self._all_series))
+        self._f = _LifecycleFamilies(registry)
         self._f.build_info.labels(
             _package_version("convserve"), platform.python_version(), _package_version("onnxruntime")
         ).set(1)
@@ -340,8 +260,16 @@ class Metrics:
             self._known.add((model, version))
             self._known_models.add(model)
 
-    def _get(self, model: str, version: str) -> _Series:
-        """Cached children for a pair; an unknown pair folds into (model, "") or ("", ""), never its own."""
+    def counts(self, model: str, version: str) -> SeriesCounts | None:
+        """The counts a model version's ``ModelStats`` records into (None when metrics are off).
+
+        One object per label pair for the process's life: a version that reloads keeps counting where
+        it was, and its old and new ``ModelStats`` share the object and its lock while both serve.
+        """
+        return self._get(model, version) if self.enabled else None
+
+    def _get(self, model: str, version: str) -> SeriesCounts:
+        """The counts for a pair; an unknown pair folds into (model, "") or ("", ""), never its own."""
         series = self._series.get((model, version))
         if series is not None:
             return series
@@ -355,11 +283,14 @@ class Metrics:
         with self._lock:
             series = self._series.get(key)
             if series is None:
-                series = _Series(self._f, *key)
-                self._series[key] = series
+                series = self._series[key] = SeriesCounts(*key)
         return series
 
-    # -- the request path ---------------------------------------------------------------------------------
+    def _all_series(self) -> list[SeriesCounts]:
+        with self._lock:
+            return list(self._series.values())
+
+    # -- recording outside ModelStats (lookup failures, tests) -------------------------------------------
     def request(self, model: str, version: str, api: str) -> RequestHandle | _NullRequest:
         """Context manager around one inference request: e2e duration, in-flight, and requests_total{code}.
 
@@ -376,43 +307,42 @@ class Metrics:
         """Context manager timing one stage ("queue", "preprocess", "inference", "postprocess")."""
         if not self.enabled:
             return _NULL_STAGE
-        try:
-            histogram = self._get(model, version).stages[stage]
-        except KeyError:
-            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}") from None
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         # A fresh timer per use: the same stage may be timed concurrently by several requests.
-        return _StageTimer(histogram)
+        return _StageTimer(self._get(model, version), stage)
 
     def observer(self, model: str, version: str) -> ModelObserver:
         """Pre-resolved batch-size / queue-wait / queue-depth recorders for one model version's batcher."""
         if not self.enabled:
             return _NULL_OBSERVER
-        return self._get(model, version).observer
+        return ModelObserver(self._get(model, version))
 
     def observe_batch(self, model: str, version: str, size: int) -> None:
         """One executed ONNX Runtime run of `size` images."""
-        if self.enabled:
-            self._get(model, version).batch.observe(size)
+        self.observer(model, version).observe_batch(size)
 
     def queue_wait(self, model: str, version: str, seconds: float) -> None:
         """Time one request waited in the batcher queue (when it is measured rather than timed in a block)."""
-        if self.enabled:
-            self._get(model, version).stages["queue"].observe(seconds)
+        self.observer(model, version).observe_queue_wait(seconds)
 
     def images(self, model: str, version: str, api: str, n: int) -> None:
         """`n` images classified successfully."""
         if self.enabled:
-            self._get(model, version).images(api if api in API_NAMES else _UNKNOWN_API).inc(n)
+            c = self._get(model, version)
+            with c.lock:
+                c.count_images(api if api in API_NAMES else _UNKNOWN_API, n)
 
     def failure(self, model: str, version: str, api: str, reason: str) -> None:
         """A failed request; `reason` is the domain error's fixed `reason` string, never client text."""
         if self.enabled:
-            self._get(model, version).failures(api if api in API_NAMES else _UNKNOWN_API, reason).inc()
+            c = self._get(model, version)
+            with c.lock:
+                c.count_failure(api if api in API_NAMES else _UNKNOWN_API, reason)
 
     def set_queue_depth(self, model: str, version: str, n: int) -> None:
         """Images waiting in the model version's batcher queue."""
-        if self.enabled:
-            self._get(model, version).queue_depth.set(n)
+        self.observer(model, version).set_queue_depth(n)
 
     # -- model lifecycle ----------------------------------------------------------------------------------
     def set_model_state(self, model: str, version: str, state: str, provider: str = "") -> None:

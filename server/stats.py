@@ -1,12 +1,14 @@
-"""One recorder per model version: Triton-style cumulative statistics plus its Prometheus children.
+"""One recorder per model version: Triton-style cumulative statistics plus its Prometheus counts.
 
 Everything the request path observes about a model version goes through its ``ModelStats`` (``served.stats``),
 once: the inference core reports each finished request, the batcher (or the inline path) each executed run.
 The counters mirror Triton's ``ModelStatistics`` (success/fail, queue, compute_input, compute_infer,
 compute_output as count + nanoseconds; inference and execution counts; per-batch-size execution stats;
 the last inference time in Unix milliseconds), so a statistics RPC or ``nv_inference_*`` metrics read
-them with ``snapshot()``. The Prometheus children are resolved once here; with metrics off they are None
-and recording costs a few integer additions.
+them with ``snapshot()``. With metrics on, the same call also counts into the version's
+``metric_counts.SeriesCounts`` (plain dicts and lists, made into ``convserve_*`` families at scrape time)
+under that object's lock, which then guards the Triton counters too: one lock per call either way. With
+metrics off nothing Prometheus-related happens at all.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .metric_counts import SeriesCounts
     from .metrics import Metrics
 
 __all__ = ["BatchStats", "Duration", "ModelStats", "StatsSnapshot"]
@@ -66,7 +69,11 @@ class ModelStats:
     def __init__(self, metrics: Metrics | None, model: str, version: str) -> None:
         self.model = model
         self.version = version
-        self._lock = threading.Lock()
+        # The version's Prometheus counts (None when metrics are off). Their lock is shared by every
+        # ModelStats of this version label (a reload's old and new one), so it guards both kinds of counter.
+        counts = metrics.counts(model, version) if metrics is not None else None
+        self._counts: SeriesCounts | None = counts
+        self._lock = counts.lock if counts is not None else threading.Lock()
         self._success = [0, 0]
         self._fail = [0, 0]
         self._queue = [0, 0]
@@ -77,21 +84,15 @@ class ModelStats:
         self.execution_count = 0
         self.last_inference_ms = 0
         self._batches: dict[int, list[int]] = {}  # size -> [count, infer ns]
-        # Prometheus children of this (model, version); None when metrics are off.
-        series = metrics._get(model, version) if metrics is not None and metrics.enabled else None
-        self._series: Any = series
-        if series is not None:
-            self._batch_hist = series.batch
-            self._queue_hist = series.stages["queue"]
-            self._depth_gauge = series.queue_depth
-            self._stage_hist = series.stages
 
     # ---- the request path (event loop) ---------------------------------------------------------------
 
     def started(self, api: str) -> None:
         """A request for this version entered the core."""
-        if self._series is not None:
-            self._series.api_children(api)[1].inc()
+        counts = self._counts
+        if counts is not None:
+            with self._lock:
+                counts.start(api)
 
     def finished(
         self,
@@ -106,8 +107,9 @@ class ModelStats:
         """A request left the core: ``code`` is its status name, ``reason`` the failure's ("" on success;
         a cancelled request has code CANCELLED and no reason); ``input_s``/``output_s`` are its
         compute_input (decode, convert) and compute_output (top-k, reply) times when it got that far.
-        One call per request: one lock, and the Prometheus children resolved once per version."""
+        One call per request, one lock."""
         ns = int(seconds * _NS)
+        counts = self._counts
         with self._lock:
             acc = self._success if code == "OK" else self._fail
             acc[0] += 1
@@ -118,26 +120,15 @@ class ModelStats:
             if output_s is not None:
                 self._output[0] += 1
                 self._output[1] += int(output_s * _NS)
-        s = self._series
-        if s is not None:
-            duration, inflight = s.api_children(api)
-            inflight.dec()
-            duration.observe(seconds)
-            s.requests(api, code).inc()
-            if reason:
-                s.failures(api, reason).inc()
-            elif images:
-                s.images(api).inc(images)
-            if input_s is not None:
-                self._stage_hist["preprocess"].observe(input_s)
-            if output_s is not None:
-                self._stage_hist["postprocess"].observe(output_s)
+            if counts is not None:
+                counts.finish(api, code, reason, seconds, images, input_s, output_s)
 
     # ---- executions (worker threads or the inline path) --------------------------------------------
 
     def on_batch(self, size: int, infer_seconds: float) -> None:
         """One ONNX Runtime run of ``size`` images took ``infer_seconds``."""
         ns = int(infer_seconds * _NS)
+        counts = self._counts
         with self._lock:
             self.execution_count += 1
             self.inference_count += size
@@ -149,22 +140,22 @@ class ModelStats:
             b[0] += 1
             b[1] += ns
             self.last_inference_ms = int(time.time() * 1000)
-        if self._series is not None:
-            self._batch_hist.observe(size)
-            self._stage_hist["inference"].observe(infer_seconds)
+            if counts is not None:
+                counts.run(size, infer_seconds)
 
     def on_dequeue(self, wait_seconds: float) -> None:
         """A request's first images left the batcher queue after ``wait_seconds``."""
+        counts = self._counts
         with self._lock:
             self._queue[0] += 1
             self._queue[1] += int(wait_seconds * _NS)
-        if self._series is not None:
-            self._queue_hist.observe(wait_seconds)
+            if counts is not None:
+                counts.queued(wait_seconds)
 
     def on_depth(self, depth: int) -> None:
         """Images waiting in the batcher queue now."""
-        if self._series is not None:
-            self._depth_gauge.set(depth)
+        if self._counts is not None:
+            self._counts.queue_depth = depth  # one attribute store: atomic, no lock needed
 
     # ---- reading ------------------------------------------------------------------------------------
 
