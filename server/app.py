@@ -34,6 +34,7 @@ from .metrics import Metrics
 from .repository import ModelRepository
 from .services import classify, inference_v2
 from .settings import Settings
+from .sockets import shut_down_port
 from .triton_metrics import TritonCollector
 
 log = logging.getLogger("convserve.server")
@@ -46,10 +47,6 @@ SERVICE_NAMES = (classify.SERVICE.full_name, inference_v2.SERVICE.full_name)
 # measured +20-30 % LeNet Classify throughput at C=32 and a lower p99 (README, Performance). Set for the
 # serving process only (``serve_forever``), not for in-process servers in tests or embedding code.
 GIL_SWITCH_INTERVAL_S = 0.0005
-# A drain keeps refusing new calls (UNAVAILABLE) after the last in-flight one finished, until no call has
-# arrived for this long (within the grace period), before it closes the listener: grpc core answers calls
-# that arrive while the listener closes with CANCELLED, which clients and retry policies do not retry.
-DRAIN_QUIET_S = 0.25
 
 
 @dataclass
@@ -122,10 +119,12 @@ class RunningServer:
             log.warning(
                 "grace period over with %d call(s) still in flight; cancelling them", self.edge.in_flight
             )
-        else:
-            await self.edge.wait_quiet(DRAIN_QUIET_S, deadline)
         if self.http is not None:
-            await self.http.stop()
+            await self.http.stop(deadline)
+        # Every call we were handed has finished (or the grace is over); what is left on the connections
+        # are calls grpc core holds unhanded, and new ones: end the connections under core so that their
+        # clients see UNAVAILABLE, before core's own shutdown answers them CANCELLED (server/sockets.py).
+        shut_down_port(self.grpc_port)
         await self.server.stop(max(0.0, deadline - time.monotonic()))
         await self.repository.stop(max(0.0, deadline - time.monotonic()))
         self.core.close()

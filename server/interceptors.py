@@ -149,7 +149,6 @@ class Edge:
         self.health = health
         self.on_message = on_message  # sees each request message's size (heap trimming after large ones)
         self.in_flight = 0
-        self.last_call = time.monotonic()  # when the latest call arrived (drain waits for a quiet moment)
         self._idle: asyncio.Event | None = None
 
     def register(
@@ -194,25 +193,10 @@ class Edge:
         except asyncio.TimeoutError:
             return False
 
-    async def wait_quiet(self, quiet: float, deadline: float) -> bool:
-        """Wait until no call has arrived for ``quiet`` seconds (True) or ``deadline`` (monotonic) passes.
-
-        While draining, every new call is refused UNAVAILABLE here. Closing the listener kills calls that
-        grpc core has received but not yet handed to us, with CANCELLED (which clients do not retry); a
-        quiet moment first leaves only clients that keep calling a NOT_SERVING server exposed to that.
-        """
-        while True:
-            now = time.monotonic()
-            left = min(self.last_call + quiet, deadline) - now
-            if left <= 0:
-                return now < deadline
-            await asyncio.sleep(left)
-
     def _enter(self, context: grpc.aio.ServicerContext, method: str) -> CallInfo:
         call = CallInfo(request_id_from_metadata(context.invocation_metadata()), method)
         context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
         self.in_flight += 1
-        self.last_call = time.monotonic()
         return call
 
     def refuse_if_draining(self) -> None:

@@ -98,6 +98,10 @@ class RestEdge:
                     peer=request.remote or "",
                 )
         response.headers[REQUEST_ID_KEY] = call.request_id
+        if self.edge.health.draining:
+            # The connection ends after this reply: the client's next request opens a new one, which the
+            # closed listener refuses cleanly, instead of riding a connection the drain is about to close.
+            response.force_close()
         return response
 
     def _authenticate(self, request: web.Request) -> None:
