@@ -47,6 +47,7 @@ class CallInfo:
     model: str = ""
     version: str = ""
     images: int | None = None
+    peer: str = ""  # the client's connection ("ipv4:127.0.0.1:50123"): logs, fair admission between clients
 
 
 _current: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("convserve_call", default=None)
@@ -194,7 +195,9 @@ class Edge:
             return False
 
     def _enter(self, context: grpc.aio.ServicerContext, method: str) -> CallInfo:
-        call = CallInfo(request_id_from_metadata(context.invocation_metadata()), method)
+        # The peer is read once per call (a string grpc builds on each peer() call) and reused.
+        rid = request_id_from_metadata(context.invocation_metadata())
+        call = CallInfo(rid, method, peer=context.peer())
         context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
         self.in_flight += 1
         return call
@@ -220,7 +223,7 @@ class Edge:
     async def _fail(
         self, context: grpc.aio.ServicerContext, exc: BaseException, call: CallInfo, start: float
     ) -> None:
-        code, message = error_status(exc, call, time.perf_counter() - start, context.peer())
+        code, message = error_status(exc, call, time.perf_counter() - start, call.peer)
         # Set the status and return instead of context.abort(): abort raises from inside the handler's
         # except block, and that exception's traceback kept the handler's frame (and the request in it)
         # in a reference cycle until the cyclic GC ran (see _release_frames).
@@ -238,7 +241,7 @@ class Edge:
                 model=call.model,
                 version=call.version,
                 images=call.images,
-                peer=context.peer(),
+                peer=call.peer,
             )
 
     def _unary(
