@@ -114,8 +114,8 @@ def drain_round(
     timeout: float = 30.0,
 ) -> dict[str, Counter[str]]:
     """One server subprocess (``flags`` as for ``convserve serve``), ``clients_per_api`` no-backoff clients
-    per API calling ``model`` with zero tensors of ``shape``; SIGTERM after ``warm_s`` seconds of traffic,
-    clients stop 0.3 s after the server exits. Returns each API's outcome counts."""
+    per API calling ``model`` with zero tensors of ``shape``; SIGTERM ``warm_s`` seconds after every client
+    has had an answer, clients stop 0.3 s after the server exits. Returns each API's outcome counts."""
     server = start_server_process(flags, workdir)
     stop = threading.Event()
     counts: dict[str, list[Counter[str]]] = {api: [] for api in APIS}
@@ -133,7 +133,14 @@ def drain_round(
                 threads.append(threading.Thread(target=target, args=args, daemon=True))
         for t in threads:
             t.start()
-        time.sleep(warm_s)  # traffic flowing before the signal (a duration, not a synchronisation)
+        # Every client has been answered at least once before the signal; then traffic flows for warm_s.
+        deadline = time.monotonic() + timeout
+        answered = ("OK", "rest:200")
+        while not all(any(c[a] for a in answered) for cs in counts.values() for c in cs):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not every client was answered within {timeout} s: {counts}")
+            time.sleep(0.01)
+        time.sleep(warm_s)
         server.proc.send_signal(signal.SIGTERM)
         server.proc.wait(timeout)
         time.sleep(0.3)
