@@ -121,6 +121,7 @@ class RunningServer:
             )
         if self.http is not None:
             await self.http.stop(deadline)
+        await _replies_sent(deadline)
         # Every call we were handed has finished (or the grace is over); what is left on the connections
         # are calls grpc core holds unhanded, and new ones: end the connections under core so that their
         # clients see UNAVAILABLE, before core's own shutdown answers them CANCELLED (server/sockets.py).
@@ -134,6 +135,25 @@ class RunningServer:
         logging_setup.flush_suppressed()  # the count of failure lines the rate limit held back
         self._stopped.set()
         log.info("stopped")
+
+
+# grpc.aio runs each call in a task it names "HandleExceptions[<method>]"; the task ends once the reply and
+# status were handed to the transport, which is after our edge wrapper has returned (and counted the call
+# done). Read by name: with another grpc that names them otherwise the wait below finds none and is skipped.
+_GRPC_CALL_TASK = "HandleExceptions["
+# Longest wait for replies already produced to be sent before the sockets are shut down (within the grace).
+_SEND_WAIT_S = 1.0
+
+
+async def _replies_sent(deadline: float) -> None:
+    """Wait until grpc has sent the replies of the calls it is finishing now (bounded by ``deadline`` and
+    ``_SEND_WAIT_S``): the sockets shut down next, and a reply still in grpc's hands would be lost with
+    them (its client would see UNAVAILABLE for a call that ran)."""
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me and t.get_name().startswith(_GRPC_CALL_TASK)]
+    timeout = min(_SEND_WAIT_S, deadline - time.monotonic())
+    if tasks and timeout > 0:
+        await asyncio.wait(tasks, timeout=timeout)
 
 
 def _bind_address(host: str, port: int) -> str:
