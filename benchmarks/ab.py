@@ -30,7 +30,8 @@ def _convserve(
     port_file = work / f"ab-{name}-{time.monotonic_ns()}.json"
     # Leading "@switch=S" / "@opt=KEY=VALUE" / "@env=KEY=VALUE" flags run the server with
     # sys.setswitchinterval(S), extra grpc.aio server options or an environment variable: experiments
-    # that need no server setting.
+    # that need no server setting. "@path=DIR" runs the server from the convserve packages under DIR (a
+    # baseline checkout laid out as DIR/convserve/<package>), to compare code before and after a change.
     pre = []
     while extra and extra[0].startswith("@"):
         key, _, value = extra.pop(0)[1:].partition("=")
@@ -39,6 +40,8 @@ def _convserve(
         elif key == "env":  # an environment variable set in the server process before it starts
             k, _, v = value.partition("=")
             pre.append(f"import os; os.environ[{k!r}] = {v!r}")
+        elif key == "path":
+            pre.append(f"sys.path.insert(0, {value!r})")
         elif key == "opt":
             k, _, v = value.partition("=")
             pre.append(f"_o.append(({k!r}, {int(v) if v.lstrip('-').isdigit() else v!r}))")

@@ -34,6 +34,7 @@ from .metrics import Metrics
 from .repository import ModelRepository
 from .services import classify, inference_v2
 from .settings import Settings
+from .sockets import shut_down_port
 from .triton_metrics import TritonCollector
 
 log = logging.getLogger("convserve.server")
@@ -46,10 +47,6 @@ SERVICE_NAMES = (classify.SERVICE.full_name, inference_v2.SERVICE.full_name)
 # measured +20-30 % LeNet Classify throughput at C=32 and a lower p99 (README, Performance). Set for the
 # serving process only (``serve_forever``), not for in-process servers in tests or embedding code.
 GIL_SWITCH_INTERVAL_S = 0.0005
-# A drain keeps refusing new calls (UNAVAILABLE) after the last in-flight one finished, until no call has
-# arrived for this long (within the grace period), before it closes the listener: grpc core answers calls
-# that arrive while the listener closes with CANCELLED, which clients and retry policies do not retry.
-DRAIN_QUIET_S = 0.25
 
 
 @dataclass
@@ -122,10 +119,13 @@ class RunningServer:
             log.warning(
                 "grace period over with %d call(s) still in flight; cancelling them", self.edge.in_flight
             )
-        else:
-            await self.edge.wait_quiet(DRAIN_QUIET_S, deadline)
         if self.http is not None:
-            await self.http.stop()
+            await self.http.stop(deadline)
+        await _replies_sent(deadline)
+        # Every call we were handed has finished (or the grace is over); what is left on the connections
+        # are calls grpc core holds unhanded, and new ones: end the connections under core so that their
+        # clients see UNAVAILABLE, before core's own shutdown answers them CANCELLED (server/sockets.py).
+        shut_down_port(self.grpc_port)
         await self.server.stop(max(0.0, deadline - time.monotonic()))
         await self.repository.stop(max(0.0, deadline - time.monotonic()))
         self.core.close()
@@ -135,6 +135,25 @@ class RunningServer:
         logging_setup.flush_suppressed()  # the count of failure lines the rate limit held back
         self._stopped.set()
         log.info("stopped")
+
+
+# grpc.aio runs each call in a task it names "HandleExceptions[<method>]"; the task ends once the reply and
+# status were handed to the transport, which is after our edge wrapper has returned (and counted the call
+# done). Read by name: with another grpc that names them otherwise the wait below finds none and is skipped.
+_GRPC_CALL_TASK = "HandleExceptions["
+# Longest wait for replies already produced to be sent before the sockets are shut down (within the grace).
+_SEND_WAIT_S = 1.0
+
+
+async def _replies_sent(deadline: float) -> None:
+    """Wait until grpc has sent the replies of the calls it is finishing now (bounded by ``deadline`` and
+    ``_SEND_WAIT_S``): the sockets shut down next, and a reply still in grpc's hands would be lost with
+    them (its client would see UNAVAILABLE for a call that ran)."""
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me and t.get_name().startswith(_GRPC_CALL_TASK)]
+    timeout = min(_SEND_WAIT_S, deadline - time.monotonic())
+    if tasks and timeout > 0:
+        await asyncio.wait(tasks, timeout=timeout)
 
 
 def _bind_address(host: str, port: int) -> str:

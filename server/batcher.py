@@ -18,6 +18,12 @@ Semantics:
   ``max_queue_size - reserve`` (``reserve`` = ``max_queue_size // 4``): the top of the queue stays free for
   small requests that arrive to find room. Images waiting for room (streams aside) are bounded by
   ``max_queue_size`` too; past that a request is refused with :class:`QueueFullError`.
+- **Fair between clients**: a request may name its ``client`` (the connection it came on). A client holds
+  at most ``max_queue_size // (k + 1)`` images queued or running, ``k`` being the number of clients holding
+  any now, itself included (half the queue when alone, a third each for two, ...): a request that fits one
+  share and would take its client past that is refused with :class:`QueueFullError`, unless it is the
+  client's only one. So one connection with many concurrent requests cannot fill the queue, and another
+  client's request still finds room. Requests that wait for room (big ones, stream messages) count too.
 - **Back-pressure** for streams: a message submitted with a :class:`Backpressure` valve waits for room
   instead of failing, and shuts the valve while it waits; the stream reads nothing more until it opens,
   so HTTP/2 flow control slows the client.
@@ -44,7 +50,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -255,6 +261,7 @@ class Batcher:
         self.reserve = max_queue_size // 4
         self._waiters: collections.deque[_Waiter] = collections.deque()  # guarded by _lock
         self._waiting_images = 0  # images of waiters without a backpressure valve
+        self._held: dict[Hashable, int] = {}  # images each client has queued, waiting or running (event loop)
         self._admit_posted = False  # an _admit_waiters callback is pending on the event loop
         self._threads: list[threading.Thread] = []
         self._started = False
@@ -321,7 +328,11 @@ class Batcher:
     # ------------------------------------------------------------------ event-loop side
 
     async def submit(
-        self, x: np.ndarray, deadline: float | None = None, backpressure: Backpressure | None = None
+        self,
+        x: np.ndarray,
+        deadline: float | None = None,
+        backpressure: Backpressure | None = None,
+        client: Hashable | None = None,
     ) -> np.ndarray:
         """Queue ``x`` (N, C, H, W) and return its (N, K) output rows, in order.
 
@@ -329,7 +340,8 @@ class Batcher:
         is full, DeadlineExpiredError when the deadline passes before the images run, DrainingError
         after ``stop``; an exception from ``run`` is re-raised to every caller in that batch. A request
         bigger than ``share`` images, or one with a ``backpressure`` valve (a stream's message), waits for
-        room instead of failing (fair admission, module docstring).
+        room instead of failing (fair admission, module docstring). ``client`` (None: anonymous) is who
+        asks, for fairness between clients: QueueFullError when it already holds its share.
         """
         n = len(x)
         if n == 0:
@@ -339,16 +351,21 @@ class Batcher:
         if not self._started:
             raise RuntimeError("Batcher.start() was not called")
         if n <= self.share:
-            return await self._submit(x, deadline, backpressure, wait=backpressure is not None)
+            return await self._submit(x, deadline, backpressure, backpressure is not None, client)
         # One share at a time: this request never holds more than a share of the queue.
         parts = [
-            await self._submit(x[i : i + self.share], deadline, backpressure, wait=True)
+            await self._submit(x[i : i + self.share], deadline, backpressure, True, client)
             for i in range(0, n, self.share)
         ]
         return np.concatenate(parts)
 
     async def _submit(
-        self, x: np.ndarray, deadline: float | None, backpressure: Backpressure | None, wait: bool
+        self,
+        x: np.ndarray,
+        deadline: float | None,
+        backpressure: Backpressure | None,
+        wait: bool,
+        client: Hashable | None,
     ) -> np.ndarray:
         now = time.monotonic()
         if deadline is not None and deadline <= now:
@@ -369,6 +386,8 @@ class Batcher:
                         f"model '{self.name}' queue is full: {self._queued} images queued, limit "
                         f"{self.max_queue_size}, request has {n}"
                     )
+                if client is not None:
+                    self._check_client_share(client, n)
                 wake = self._enqueue_locked(req)
             elif not self._waiters and self._queued + n <= self.max_queue_size - self.reserve:
                 wake = self._enqueue_locked(req)
@@ -384,23 +403,49 @@ class Batcher:
                 if backpressure is None:
                     self._waiting_images += n
             depth = self._queued
-        if waiter is not None:
-            await self._wait_for_room(waiter, loop)
-        else:
-            if wake:
-                # Wake an idle worker once per event-loop iteration, not per request: requests that
-                # arrive in the same iteration then share one batch and one thread wake-up. A wake-up
-                # costs the waker tens of µs on a VM (a cross-CPU interrupt), and the loop is the
-                # bottleneck under load. At one client this adds one loop step, a few µs.
-                loop.call_soon(self._wake_worker)
-            self._observer.on_depth(depth)
-        if deadline is not None:
-            req.timer = loop.call_later(deadline - time.monotonic(), self._expire, req)
+        held = self._held
+        if client is not None:
+            held[client] = held.get(client, 0) + n
         try:
-            return await req.future
-        except asyncio.CancelledError:
-            self._withdraw(req)
-            raise
+            if waiter is not None:
+                await self._wait_for_room(waiter, loop)
+            else:
+                if wake:
+                    # Wake an idle worker once per event-loop iteration, not per request: requests that
+                    # arrive in the same iteration then share one batch and one thread wake-up. A wake-up
+                    # costs the waker tens of µs on a VM (a cross-CPU interrupt), and the loop is the
+                    # bottleneck under load. At one client this adds one loop step, a few µs.
+                    loop.call_soon(self._wake_worker)
+                self._observer.on_depth(depth)
+            if deadline is not None:
+                req.timer = loop.call_later(deadline - time.monotonic(), self._expire, req)
+            try:
+                return await req.future
+            except asyncio.CancelledError:
+                self._withdraw(req)
+                raise
+        finally:
+            if client is not None:
+                left = held[client] - n
+                if left:
+                    held[client] = left
+                else:
+                    del held[client]
+
+    def _check_client_share(self, client: Hashable, n: int) -> None:
+        """Raise QueueFullError when ``client`` already holds images and ``n`` more would take it past its
+        share of the queue: ``max_queue_size // (k + 1)``, ``k`` = clients holding images, itself included."""
+        held = self._held.get(client, 0)
+        if not held:
+            return  # a client's only request is admitted whenever the queue has room
+        clients = len(self._held)
+        fair = max(1, self.max_queue_size // (clients + 1))
+        if held + n > fair:
+            raise QueueFullError(
+                f"model '{self.name}' queue is full for this client: it holds {held} images queued or "
+                f"running, its share is {fair} of {self.max_queue_size} with {clients} client(s) active, "
+                f"request has {n}"
+            )
 
     def _enqueue_locked(self, req: _Request) -> bool:
         """Put ``req`` in the queue (lock held); True when an idle worker should be woken."""

@@ -125,6 +125,7 @@ class Trace(Protocol):
     model: str
     version: str
     images: int | None
+    peer: str  # who asks (the connection): the key of fair admission between clients; "" = anonymous
 
 
 class Cancellation:
@@ -386,7 +387,8 @@ class InferenceCore:
         times.input_s = time.perf_counter() - t0
         stop()
 
-        raw = await served.infer(batch, request.deadline, request.backpressure)
+        peer = request.trace.peer if request.trace is not None else ""
+        raw = await served.infer(batch, request.deadline, request.backpressure, peer)
 
         t0 = time.perf_counter()
 

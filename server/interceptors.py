@@ -47,6 +47,7 @@ class CallInfo:
     model: str = ""
     version: str = ""
     images: int | None = None
+    peer: str = ""  # the client's connection ("ipv4:127.0.0.1:50123"): logs, fair admission between clients
 
 
 _current: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("convserve_call", default=None)
@@ -149,7 +150,6 @@ class Edge:
         self.health = health
         self.on_message = on_message  # sees each request message's size (heap trimming after large ones)
         self.in_flight = 0
-        self.last_call = time.monotonic()  # when the latest call arrived (drain waits for a quiet moment)
         self._idle: asyncio.Event | None = None
 
     def register(
@@ -194,25 +194,12 @@ class Edge:
         except asyncio.TimeoutError:
             return False
 
-    async def wait_quiet(self, quiet: float, deadline: float) -> bool:
-        """Wait until no call has arrived for ``quiet`` seconds (True) or ``deadline`` (monotonic) passes.
-
-        While draining, every new call is refused UNAVAILABLE here. Closing the listener kills calls that
-        grpc core has received but not yet handed to us, with CANCELLED (which clients do not retry); a
-        quiet moment first leaves only clients that keep calling a NOT_SERVING server exposed to that.
-        """
-        while True:
-            now = time.monotonic()
-            left = min(self.last_call + quiet, deadline) - now
-            if left <= 0:
-                return now < deadline
-            await asyncio.sleep(left)
-
     def _enter(self, context: grpc.aio.ServicerContext, method: str) -> CallInfo:
-        call = CallInfo(request_id_from_metadata(context.invocation_metadata()), method)
+        # The peer is read once per call (a string grpc builds on each peer() call) and reused.
+        rid = request_id_from_metadata(context.invocation_metadata())
+        call = CallInfo(rid, method, peer=context.peer())
         context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
         self.in_flight += 1
-        self.last_call = time.monotonic()
         return call
 
     def refuse_if_draining(self) -> None:
@@ -236,7 +223,7 @@ class Edge:
     async def _fail(
         self, context: grpc.aio.ServicerContext, exc: BaseException, call: CallInfo, start: float
     ) -> None:
-        code, message = error_status(exc, call, time.perf_counter() - start, context.peer())
+        code, message = error_status(exc, call, time.perf_counter() - start, call.peer)
         # Set the status and return instead of context.abort(): abort raises from inside the handler's
         # except block, and that exception's traceback kept the handler's frame (and the request in it)
         # in a reference cycle until the cyclic GC ran (see _release_frames).
@@ -254,7 +241,7 @@ class Edge:
                 model=call.model,
                 version=call.version,
                 images=call.images,
-                peer=context.peer(),
+                peer=call.peer,
             )
 
     def _unary(

@@ -219,13 +219,18 @@ class ServedModel:
     # ---- serving ---------------------------------------------------------------------------------
 
     async def infer(
-        self, batch: np.ndarray, deadline: float | None = None, backpressure: Backpressure | None = None
+        self,
+        batch: np.ndarray,
+        deadline: float | None = None,
+        backpressure: Backpressure | None = None,
+        client: str = "",
     ) -> np.ndarray:
         """(N, C, H, W) float32 → (N, K) raw outputs: inline when one run is cheaper than a thread hop
         and the batcher is idle, else through the batcher (off the event loop).
 
         ``deadline`` is absolute ``time.monotonic()`` seconds; a request past it is never run. With a
         stream's ``backpressure`` valve a full queue makes the request wait for room (``Batcher.submit``).
+        ``client`` (the peer; "" = anonymous) is the key of fair admission between clients.
         Raises ModelNotReadyError, QueueFullError, DeadlineExpiredError, DrainingError.
         """
         batcher = self.batcher
@@ -248,7 +253,7 @@ class ServedModel:
             self.inline_run_s = 0.9 * self.inline_run_s + 0.1 * (time.thread_time() - c0)
             self.stats.on_batch(1, time.perf_counter() - t0)
             return out
-        return await batcher.submit(batch, deadline, backpressure)
+        return await batcher.submit(batch, deadline, backpressure, client or None)
 
     def _inline_now(self) -> bool:
         """Whether a single image runs inline: its estimated cost is within the bound; or, for an estimate

@@ -55,7 +55,8 @@ class RestEdge:
         name = route.name or ""
         method = f"{request.method} {route.resource.canonical if route.resource else request.path}"
         given = request.headers.get(REQUEST_ID_KEY)
-        call = CallInfo(request_id_from_metadata(((REQUEST_ID_KEY, given),) if given else ()), method)
+        rid = request_id_from_metadata(((REQUEST_ID_KEY, given),) if given else ())
+        call = CallInfo(rid, method, peer=_peer(request))
         token = bind_call(call)
         self.edge.begin()
         code = "OK"
@@ -79,7 +80,7 @@ class RestEdge:
         except Exception as exc:
             f = failure(exc, call.request_id)
             code = f.code.name
-            error_status(exc, call, time.perf_counter() - start, request.remote or "")
+            error_status(exc, call, time.perf_counter() - start, call.peer)
             response = json_error(f.http_status, f.message)
             if isinstance(exc, UnauthenticatedError):
                 response.headers["WWW-Authenticate"] = 'Bearer realm="convserve"'
@@ -95,9 +96,13 @@ class RestEdge:
                     model=call.model,
                     version=call.version,
                     images=call.images,
-                    peer=request.remote or "",
+                    peer=call.peer,
                 )
         response.headers[REQUEST_ID_KEY] = call.request_id
+        if self.edge.health.draining:
+            # The connection ends after this reply: the client's next request opens a new one, which the
+            # closed listener refuses cleanly, instead of riding a connection the drain is about to close.
+            response.force_close()
         return response
 
     def _authenticate(self, request: web.Request) -> None:
@@ -105,6 +110,15 @@ class RestEdge:
             raise UnauthenticatedError(
                 "missing or invalid bearer token: send header 'Authorization: Bearer <token>'"
             )
+
+
+def _peer(request: web.Request) -> str:
+    """The client's connection, address and port ("127.0.0.1:50123"): logs and fair admission key it."""
+    transport = request.transport
+    name = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(name, tuple) and len(name) >= 2:
+        return f"{name[0]}:{name[1]}"
+    return request.remote or ""
 
 
 def _router_message(request: web.Request, exc: web.HTTPException) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +23,9 @@ __all__ = ["HttpFrontEnd", "start_http"]
 # Seconds aiohttp waits for handlers at stop: the server's drain has already waited for in-flight calls
 # (they count in the edge), so what is left is over the grace period and is cancelled promptly.
 _CLEANUP_S = 0.5
+# At most this long (within the grace) the listener is closed while open connections may still bring one
+# more request each: a request already on its way on a connection we closed would be lost unanswered.
+_LINGER_S = 0.5
 
 
 @dataclass
@@ -30,8 +35,18 @@ class HttpFrontEnd:
     runner: web.AppRunner
     port: int
 
-    async def stop(self) -> None:
-        """Close the listener and every connection; handlers still running are cancelled."""
+    async def stop(self, deadline: float | None = None) -> None:
+        """Close the listener; until every connection has closed, ``_LINGER_S`` or the monotonic ``deadline``
+        pass, serve what arrives on open connections (while draining, every reply says ``Connection:
+        close``, so a busy connection ends after its next reply); then close every connection, cancelling
+        handlers still running."""
+        for site in list(self.runner.sites):
+            await site.stop()
+        if deadline is not None:
+            until = min(deadline, time.monotonic() + _LINGER_S)
+            server = self.runner.server
+            while server is not None and server.connections and time.monotonic() < until:
+                await asyncio.sleep(0.005)  # bounded: aiohttp offers no event for "last connection closed"
         await self.runner.cleanup()
 
 

@@ -216,6 +216,38 @@ def test_queue_bound_counts_images_and_refuses_at_once():
     assert 17 not in gate.seen_ids()
 
 
+def test_one_client_holds_at_most_its_share_and_another_still_gets_in():
+    """Client "a" alone may hold half the 16-image queue (its first request always gets in); with "b" active
+    too, a third; "b", holding nothing, is admitted while "a" is refused; what "a" holds frees as it runs."""
+    gate = Gate()
+
+    async def main():
+        b = Batcher(gate, max_batch_size=8, max_queue_size=16)
+        b.start()
+        running = asyncio.create_task(b.submit(ids(0, 1), client="a"))  # a holds 1 (running)
+        await gate.wait_entered()
+        held = [asyncio.create_task(b.submit(ids(1, 4), client="a"))]
+        await until_queued(b, 4)  # a holds 5
+        more = asyncio.create_task(b.submit(ids(5, 3), client="a"))  # 8: half the queue, alone
+        await until_queued(b, 7)
+        with pytest.raises(QueueFullError, match=r"full for this client: it holds 8 .* share is 8 of 16"):
+            await b.submit(ids(100, 1), client="a")
+        other = asyncio.create_task(b.submit(ids(8, 4), client="b"))  # b holds nothing: admitted
+        await until_queued(b, 11)
+        with pytest.raises(QueueFullError, match="share is 5 of 16 with 2 client"):
+            await b.submit(ids(101, 1), client="a")
+        anonymous = asyncio.create_task(b.submit(ids(12, 4)))  # no client: only the queue bound applies
+        await until_queued(b, 15)
+        gate.open()
+        await asyncio.gather(running, *held, more, other, anonymous)
+        assert b._held == {}  # everything released once answered
+        await b.submit(ids(16, 4), client="a")
+        await b.stop()
+
+    run_async(main())
+    assert {100, 101}.isdisjoint(gate.seen_ids())
+
+
 def test_big_requests_hold_one_share_and_leave_room_for_small_ones():
     """Two requests as big as the whole queue flow through one share (8 // 4 = 2 images) at a time instead
     of filling it: small requests arriving meanwhile are queued, not refused, and everyone gets its rows."""
