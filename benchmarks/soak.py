@@ -65,6 +65,7 @@ class ModelSpec:
     std: tuple[float, ...]
     kind: str  # "logits" or "probabilities"
     classes: int
+    ink: bool = False  # the config normalises ink (polarity other than as_is, or fit_ink)
 
 
 def model_spec(repository: Path, name: str | None) -> ModelSpec:
@@ -74,6 +75,7 @@ def model_spec(repository: Path, name: str | None) -> ModelSpec:
     cfg = json.loads((repository / name / "config.json").read_text())
     versions = sorted(int(p.name) for p in (repository / name).iterdir() if p.name.isdigit())
     c, h, w = cfg["input"]["shape"]
+    pre = cfg["preprocessing"]
     return ModelSpec(
         name,
         versions[-1],
@@ -83,6 +85,7 @@ def model_spec(repository: Path, name: str | None) -> ModelSpec:
         tuple(cfg["preprocessing"]["std"]),
         cfg.get("output", {}).get("kind", "logits"),
         len(cfg["labels"]),
+        pre.get("polarity", "as_is") != "as_is" or pre.get("fit_ink") is not None,
     )
 
 
@@ -95,6 +98,19 @@ def reference_probabilities(spec: ModelSpec, x: np.ndarray) -> np.ndarray:
         return out
     e = np.exp(out - out.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
+
+
+def _ink_reference(spec: ModelSpec, pixels: np.ndarray) -> np.ndarray:
+    """Model inputs for PNGs of a model whose config normalises ink (polarity / fit_ink): that geometry is
+    not retyped here but taken from ``image_to_array``, the one preprocessing function training also uses
+    (its own tests check it); the plain /255, mean, std path above stays independent."""
+    from convserve.common.model_config import load_config
+    from convserve.server.preprocess import image_to_array
+    from PIL import Image
+
+    cfg = load_config(spec.path.parent.parent)
+    images = [Image.fromarray(p[:, :, 0] if p.shape[2] == 1 else p) for p in pixels]
+    return np.stack([image_to_array(img, cfg) for img in images]).astype(np.float32)
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -143,6 +159,8 @@ def build_traffic(spec: ModelSpec, pool: int = 16, seed: int = 0) -> list[Kind]:
     mean = np.asarray(spec.mean, np.float32)[None, :, None, None]
     std = np.asarray(spec.std, np.float32)[None, :, None, None]
     x_png = ((pixels.transpose(0, 3, 1, 2).astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+    if spec.ink:
+        x_png = _ink_reference(spec, pixels)
     x_raw = rng.normal(size=(pool, c, h, w)).astype(np.float32)
     p_png = reference_probabilities(spec, x_png)
     p_raw = reference_probabilities(spec, x_raw)
