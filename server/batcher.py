@@ -424,6 +424,11 @@ class Batcher:
             except asyncio.CancelledError:
                 self._withdraw(req)
                 raise
+            finally:
+                # A request withdrawn on cancel is never settled, and its deadline timer would keep it (its
+                # images, the call's context) alive until the deadline: minutes for a typical client.
+                if req.timer is not None:
+                    req.timer.cancel()
         finally:
             if client is not None:
                 left = held[client] - n

@@ -368,6 +368,41 @@ def test_cancelled_caller_is_removed_and_never_runs():
     assert gate.sizes == [1, 1]
 
 
+def test_cancelled_caller_with_a_deadline_is_released_at_once_not_at_its_deadline():
+    """A queued request withdrawn on cancel is never settled by a worker, so nothing cancelled its deadline
+    timer, which kept the request (its images, the call's context) alive until the deadline: with a
+    30 s client deadline, ~2 KB per cancelled stream message built up in a soak."""
+    import gc
+    import weakref
+
+    gate = Gate()
+    refs: list[weakref.ref] = []
+
+    async def main():
+        b = Batcher(gate, max_batch_size=8)
+        b.start()
+        running = asyncio.create_task(b.submit(ids(0, 1)))
+        await gate.wait_entered()
+        x = ids(1, 3)
+        refs.append(weakref.ref(x))
+        victim = asyncio.create_task(b.submit(x, deadline=time.monotonic() + 3600))
+        del x
+        await until_queued(b, 3)
+        victim.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await victim
+        del victim
+        gate.open()
+        await running
+        await b.submit(ids(4, 1))  # the worker has cut past the withdrawn entry: the queue no longer holds it
+        gc.collect()
+        assert refs[0]() is None, "the cancelled request's images are still held (by its deadline timer)"
+        await b.stop()
+
+    run_async(main())
+    assert gate.seen_ids() == {0, 4}
+
+
 def test_one_client_gets_batches_of_one_without_waiting(session):
     rec = Recorder()
     x = np.ones((1, 1, 4, 4), np.float32)
