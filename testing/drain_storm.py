@@ -81,6 +81,7 @@ def _rest_client(
         for _ in range(1_000_000):  # bounded; `stop` ends the loop
             if stop.is_set():
                 return
+            fresh = conn.sock is None
             try:
                 conn.request("POST", f"/v2/models/{model}/infer", body, {"Content-Type": "application/json"})
                 response = conn.getresponse()
@@ -89,7 +90,10 @@ def _rest_client(
                 if response.will_close:
                     conn.close()
             except (OSError, http.client.HTTPException) as exc:
-                outcome = f"rest:{type(exc).__name__}"
+                # A reset on a fresh connection's first request: the kernel had queued the connection on
+                # the listener, which closed before the server took it, so the request never reached it.
+                reset_unseen = fresh and isinstance(exc, ConnectionResetError)
+                outcome = "rest:reset-before-accept" if reset_unseen else f"rest:{type(exc).__name__}"
                 conn.close()
             out[outcome] += 1
     finally:

@@ -301,7 +301,9 @@ def test_no_backoff_clients_see_no_cancelled_and_lose_no_rest_request(
     """Clients that call in tight loops with no back-off through the whole drain (two per API: Classify,
     ModelInfer, REST infer), over several SIGTERMs: every call is answered OK or refused UNAVAILABLE / 503
     / connection refused; none is CANCELLED by grpc core, no REST request dies on a connection closed
-    under it. (Before the drain ended at the transport: CANCELLED in 3 of 4 rounds measured.)"""
+    under it (a fresh connection still in the kernel's accept queue when the listener closes is reset
+    before its request reaches the server: counted apart, as refused). (Before the drain ended at the
+    transport: CANCELLED in 3 of 4 rounds measured.)"""
     from convserve.testing.drain_storm import BAD, drain_round
 
     totals: dict[str, Counter[str]] = {}
@@ -321,4 +323,5 @@ def test_no_backoff_clients_see_no_cancelled_and_lose_no_rest_request(
         assert counts["OK"] + counts["rest:200"] > 0, f"{api}: no call answered before the drain"
     assert set(totals["classify"]) <= {"OK", "UNAVAILABLE"}, totals
     assert set(totals["v2"]) <= {"OK", "UNAVAILABLE"}, totals
-    assert set(totals["rest"]) <= {"rest:200", "rest:503", "rest:ConnectionRefusedError"}, totals
+    refused = {"rest:ConnectionRefusedError", "rest:reset-before-accept"}
+    assert set(totals["rest"]) <= {"rest:200", "rest:503", *refused}, totals

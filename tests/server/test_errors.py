@@ -226,9 +226,14 @@ def _wait_running(handle: Any, model: str, dequeued_before: float, timeout: floa
         time.sleep(0.002)
 
 
-def test_deadline_honoured_and_expired_request_never_runs(server: Any) -> None:
-    """Request A occupies the one instance of 'slow'; B's 20 ms deadline passes in the queue: never run."""
-    big = np.random.default_rng(1).normal(size=(64, 3, 48, 48)).astype(np.float32)
+def test_deadline_honoured_and_expired_request_never_runs(server_factory: Any) -> None:
+    """Request A occupies the one instance of 'slow'; B's 20 ms deadline passes in the queue: never run.
+
+    A is 192 images, one run with batching off (~75 ms on a quiet box; 64 images took ~25 ms, which let
+    B squeeze in under its deadline), so B, queued behind it, waits well past its deadline. A server of
+    its own: on the session-wide one, work other tests left on 'slow' could add a run."""
+    server = server_factory()
+    big = np.random.default_rng(1).normal(size=(192, 3, 48, 48)).astype(np.float32)
     small = big[:1]
     with grpc.insecure_channel(server.address) as ch:
         stub = classifier_pb2_grpc.ClassifierStub(ch)
@@ -243,7 +248,7 @@ def test_deadline_honoured_and_expired_request_never_runs(server: Any) -> None:
             with pytest.raises(grpc.RpcError) as err:
                 stub.Classify(pb.ClassifyRequest(model="slow", images=[_tensor(small)]), timeout=0.02)
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert len(a.result(timeout=30).results) == 64
+            assert len(a.result(timeout=30).results) == 192
         # The run count is recorded before A's answer is sent: only A ran, B was dropped from the queue.
         assert _batch_count(server, "slow") - before == 1
         assert stub.Classify(pb.ClassifyRequest(model="slow", images=[_tensor(small)]), timeout=30).results
