@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
 import shutil
 import socket
 import subprocess
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 from convserve.client import AsyncClient, Client
+from convserve.testing.prerequisites import require_binary
 
 # The helpers module beside this file, importable from the test modules (tests/ is not a package).
 sys.path.insert(0, str(Path(__file__).parent))
@@ -123,11 +123,9 @@ def small_server(server_factory: Callable[..., Any], gray_repository: Path) -> C
 @pytest.fixture(scope="session")
 def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, made with openssl."""
-    if shutil.which("openssl") is None:
-        # CI installs openssl (scripts/install_system_deps.sh): there a missing binary is a failure.
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(
-            "openssl is not installed: bash scripts/install_system_deps.sh (apt-get install openssl)"
-        )
+    require_binary(
+        "openssl", "openssl is not installed: bash scripts/install_system_deps.sh (apt-get install openssl)"
+    )
     d = tmp_path_factory.mktemp("pki")
 
     def run(*args: str) -> None:

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
+from convserve.testing.prerequisites import require_binary
 
 # tests/deploy/live runs the built image and compose stack: only `make test-deploy` (scripts/test_deploy.sh,
 # the last step of `make test`) prepares the engine and images it needs; the plain pytest run leaves it out.
@@ -189,12 +189,7 @@ def system_binary() -> Any:
     """``system_binary(name, debian_path)``: skip where missing on a developer's machine, fail in CI."""
 
     def find(name: str, fallback: str) -> str:
-        path = shutil.which(name) or (fallback if os.access(fallback, os.X_OK) else None)
-        if path is None:
-            hint = f"{name} is not installed: `bash scripts/install_system_deps.sh` (apt-get install {name})"
-            if os.environ.get("CI"):
-                pytest.fail(f"CI must run this test, but {hint}")
-            pytest.skip(hint)
-        return path
+        hint = f"{name} is not installed: `bash scripts/install_system_deps.sh` (apt-get install {name})"
+        return require_binary(name, hint, fallback)
 
     return find

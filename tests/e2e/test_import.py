@@ -8,20 +8,16 @@ Runtime on the original file, then softmax.
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
+from convserve.testing.prerequisites import unavailable
 
 if importlib.util.find_spec("torch") is None:
-    _missing = "torch is not installed (pip install -e '.[dev]')"
-    if os.environ.get("CI"):  # the dev extra installs it: in CI its absence is a failure, not a skip
-        pytest.fail(_missing, pytrace=False)
-    pytest.skip(_missing, allow_module_level=True)
+    unavailable("torch is not installed (pip install -e '.[dev]')", module_level=True)
 
 import torch
 from torch import nn

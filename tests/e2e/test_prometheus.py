@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
 import urllib.parse
@@ -23,6 +21,7 @@ import pytest
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc as pb_grpc
 from convserve.testing import start_server_process
+from convserve.testing.prerequisites import require_binary
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -255,13 +254,8 @@ class Prometheus:
 
 
 def _prometheus_binary() -> str:
-    # shutil.which also accepts a full path and checks it is executable (Debian's path, if PATH lacks it).
-    path = shutil.which("prometheus") or shutil.which("/usr/bin/prometheus")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the Prometheus test, but {INSTALL_HINT}")
-        pytest.skip(INSTALL_HINT)
-    return path
+    # Debian installs it in /usr/bin: found there too when PATH lacks it.
+    return require_binary("prometheus", INSTALL_HINT, "/usr/bin/prometheus")
 
 
 @pytest.fixture
@@ -473,10 +467,9 @@ def test_dashboard_and_provisioning_files_agree() -> None:
             assert panel["targets"], panel["title"]
             assert all(t["datasource"]["uid"] == "${datasource}" for t in panel["targets"]), panel["title"]
 
-    promtool = shutil.which("promtool") or shutil.which("/usr/bin/promtool")
-    if promtool is not None:  # shipped with the prometheus package
-        config = ROOT / "deploy" / "prometheus" / "prometheus.yml"
-        check = subprocess.run(
-            [promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=30
-        )
-        assert check.returncode == 0, check.stdout + check.stderr
+    promtool = require_binary("promtool", INSTALL_HINT, "/usr/bin/promtool")  # in the prometheus package
+    config = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+    check = subprocess.run(
+        [promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=30
+    )
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -7,9 +7,7 @@ another child process. This process only compares what the driver saw with the m
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +17,9 @@ import grpc
 import pytest
 from convserve.protos.inference import grpc_service_pb2 as pb
 from convserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
+from convserve.testing.prerequisites import require_module
 
-if importlib.util.find_spec("tritonclient") is None:
-    _missing = "tritonclient[grpc] is not installed (pip install -e '.[dev]')"
-    if os.environ.get("CI"):
-        pytest.fail(_missing, pytrace=False)
-    pytest.skip(_missing, allow_module_level=True)
+require_module("tritonclient", "tritonclient[grpc] is not installed (pip install -e '.[dev]')")
 
 TOKEN = "triton-test-token"
 

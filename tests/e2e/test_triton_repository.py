@@ -7,22 +7,16 @@ with ONNX Runtime run in this process on the same files.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
+from convserve.testing.prerequisites import require_module
 
-if importlib.util.find_spec("tritonclient") is None:
-    _missing = "tritonclient[grpc] is not installed (pip install -e '.[dev]')"
-    if os.environ.get("CI"):
-        pytest.fail(_missing, pytrace=False)
-    pytest.skip(_missing, allow_module_level=True)
+require_module("tritonclient", "tritonclient[grpc] is not installed (pip install -e '.[dev]')")
 
 PBTXT = """
 name: "triton_rgb"

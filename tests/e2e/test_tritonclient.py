@@ -7,9 +7,7 @@ below); this test process only compares what the driver saw with ONNX Runtime ru
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,13 +15,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from convserve.testing.prerequisites import require_module
 
 # find_spec, not importorskip: importing tritonclient here would collide with our own inference stubs.
-if importlib.util.find_spec("tritonclient") is None:
-    _missing = "tritonclient[grpc] is not installed (pip install -e '.[dev]')"
-    if os.environ.get("CI"):  # the dev extra installs it: in CI its absence is a failure, not a skip
-        pytest.fail(_missing, pytrace=False)
-    pytest.skip(_missing, allow_module_level=True)
+require_module("tritonclient", "tritonclient[grpc] is not installed (pip install -e '.[dev]')")
 
 DRIVER = r"""
 import json, sys

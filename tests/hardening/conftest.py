@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 from convserve.testing import ServerProcess
 from convserve.testing import start_server_process as _start
+from convserve.testing.prerequisites import require_binary
 
 GRAY_LABELS = [f"class_{i}" for i in range(4)]
 
@@ -181,13 +181,9 @@ def _issue(d: Path, name: str, ca: str, subject: str, ext: str) -> None:
 
 @pytest.fixture(scope="session")
 def tls_material(tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
-    import shutil
-
-    if shutil.which("openssl") is None:
-        # CI installs openssl (scripts/install_system_deps.sh): there a missing binary is a failure.
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(
-            "openssl is not installed: bash scripts/install_system_deps.sh (apt-get install openssl)"
-        )
+    require_binary(
+        "openssl", "openssl is not installed: bash scripts/install_system_deps.sh (apt-get install openssl)"
+    )
     d = tmp_path_factory.mktemp("tls")
     for ca in ("ca", "rogue_ca"):
         _openssl(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from convserve.models import data, train
+from convserve.testing.prerequisites import unavailable
 from PIL import Image
 
 
@@ -122,7 +122,7 @@ def test_digits_synth_training_is_deterministic_and_declares_its_preprocessing()
     try:
         mixed = data.load_digits_synth(scan_copies=0, font_samples=40)
     except data.DataError as exc:  # here only missing fonts (scripts/install_system_deps.sh) raise it
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(str(exc))
+        unavailable(str(exc))
     options = _options(seed=5, fit_ink=mixed.default_fit_ink)
     a = train.train(mixed, options, None)
     b = train.train(mixed, options, None)

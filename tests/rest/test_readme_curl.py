@@ -6,17 +6,15 @@ gRPC API's answer for the same PNG (the binary-tensor classification).
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from convserve.testing.prerequisites import require_binary, require_module
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTION = "## v2 HTTP/REST API"
@@ -45,10 +43,7 @@ def bundled(server_factory: Any, tmp_path: Path, encode_png: Any) -> Any:
 
 
 def test_curl_examples(bundled: Any, tmp_path: Path, run_reference: Any) -> None:
-    if shutil.which("curl") is None:  # scripts/install_system_deps.sh installs it
-        if os.environ.get("CI"):
-            pytest.fail("curl is not installed (make system-deps)", pytrace=False)
-        pytest.skip("curl is not installed (make system-deps)")
+    require_binary("curl", "curl is not installed (make system-deps)")
     script = _block("sh")
     assert DOCUMENTED in script
     script = script.replace(DOCUMENTED, f"127.0.0.1:{bundled.http_port}")
@@ -88,10 +83,9 @@ def test_curl_examples(bundled: Any, tmp_path: Path, run_reference: Any) -> None
 
 
 def test_tritonclient_example(bundled: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    if importlib.util.find_spec("tritonclient") is None:  # the dev extra installs it
-        if os.environ.get("CI"):
-            pytest.fail("tritonclient[http] is not installed (pip install -e '.[dev]')", pytrace=False)
-        pytest.skip("tritonclient[http] is not installed (pip install -e '.[dev]')")
+    require_module(
+        "tritonclient", "tritonclient[http] is not installed (pip install -e '.[dev]')", module_level=False
+    )
     code = _block("python")
     assert DOCUMENTED in code
     exec(compile(code.replace(DOCUMENTED, f"127.0.0.1:{bundled.http_port}"), "<REST example>", "exec"), {})

@@ -8,20 +8,18 @@ compared with ONNX Runtime run in-process and with the models' own config.json f
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from convserve.testing.prerequisites import unavailable
 
 try:
     import tritonclient.http as th
     from tritonclient.utils import InferenceServerException
-except ImportError:  # the dev extra installs it: in CI its absence is a failure, not a skip
-    if os.environ.get("CI"):
-        pytest.fail("tritonclient[http] is not installed (pip install -e '.[dev]')", pytrace=False)
-    pytest.skip("tritonclient[http] is not installed (pip install -e '.[dev]')", allow_module_level=True)
+except ImportError:  # the dev extra installs it
+    unavailable("tritonclient[http] is not installed (pip install -e '.[dev]')", module_level=True)
 
 TOKEN = "rest-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc
+from convserve.testing.prerequisites import require_binary
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 TOKEN = "s3cret-token"
@@ -25,11 +24,9 @@ def _openssl(*args: str, cwd: Path) -> None:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, all signed by the CA."""
-    if shutil.which("openssl") is None:
-        # CI installs openssl (scripts/install_system_deps.sh): there a missing binary is a failure.
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(
-            "openssl is not installed: bash scripts/install_system_deps.sh (apt-get install openssl)"
-        )
+    require_binary(
+        "openssl", "openssl is not installed: bash scripts/install_system_deps.sh (apt-get install openssl)"
+    )
     d = tmp_path_factory.mktemp("pki")
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
     _openssl(
