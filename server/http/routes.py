@@ -22,6 +22,7 @@ from ..interceptors import current_call
 from ..logging_setup import echo_request_id
 from ..repository import parse_version
 from ..services.inference_v2 import InferenceService
+from ..services.triton_extensions import not_served
 from .codec import HEADER_LENGTH, binary_output_names, encode_reply, inputs_of, outputs_of, parse_body
 from .edge import json_error, json_response
 from .messages import message_json
@@ -81,11 +82,10 @@ class Routes:
         )
 
     def _unserved(self, rpc: str) -> Any:
-        """A handler answering what the gRPC service's ``rpc`` answers: UNIMPLEMENTED naming the extension."""
+        """A handler refusing as the gRPC service's ``rpc`` does: 501 naming the extension."""
 
         async def unserved(request: web.Request) -> web.Response:
-            await getattr(self.v2, rpc)(None, None)  # raises NotSupportedError
-            raise AssertionError(f"{rpc} is expected to refuse")  # pragma: no cover
+            raise not_served(rpc)
 
         return unserved
 

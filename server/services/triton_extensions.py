@@ -34,11 +34,33 @@ def require_model_control(settings: Settings) -> None:
         )
 
 
-def _not_served(extension: str, what: str) -> NotSupportedError:
+# Triton's RPCs for the extensions convserve does not serve, with the extension each belongs to.
+NOT_SERVED: dict[str, str] = {
+    "SystemSharedMemoryStatus": "system shared memory (system_shared_memory)",
+    "SystemSharedMemoryRegister": "system shared memory (system_shared_memory)",
+    "SystemSharedMemoryUnregister": "system shared memory (system_shared_memory)",
+    "CudaSharedMemoryStatus": "CUDA shared memory (cuda_shared_memory)",
+    "CudaSharedMemoryRegister": "CUDA shared memory (cuda_shared_memory)",
+    "CudaSharedMemoryUnregister": "CUDA shared memory (cuda_shared_memory)",
+    "TraceSetting": "trace (trace)",
+    "LogSettings": "log settings (logging)",
+}
+
+
+def not_served(rpc: str) -> NotSupportedError:
+    """The refusal (UNIMPLEMENTED, 501 over REST) of one of Triton's ``NOT_SERVED`` RPCs."""
     return NotSupportedError(
-        f"{extension}: convserve does not serve Triton's {what} extension; "
+        f"{rpc}: convserve does not serve Triton's {NOT_SERVED[rpc]} extension; "
         f"ServerMetadata lists the extensions it serves"
     )
+
+
+def _refusal(rpc: str) -> Any:
+    async def refuse(self: Any, request: Any, context: Any) -> Any:
+        raise not_served(rpc)
+
+    refuse.__name__ = refuse.__qualname__ = rpc
+    return refuse
 
 
 class TritonExtensions:
@@ -115,31 +137,10 @@ class TritonExtensions:
         await self.repository.unload(request.model_name, 0, "model_name")
         return pb.RepositoryModelUnloadResponse()
 
-    # ---- declared by Triton, not served here ---------------------------------------------------------
 
-    async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
-        raise _not_served("SystemSharedMemoryStatus", "system shared memory (system_shared_memory)")
-
-    async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
-        raise _not_served("SystemSharedMemoryRegister", "system shared memory (system_shared_memory)")
-
-    async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
-        raise _not_served("SystemSharedMemoryUnregister", "system shared memory (system_shared_memory)")
-
-    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
-        raise _not_served("CudaSharedMemoryStatus", "CUDA shared memory (cuda_shared_memory)")
-
-    async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
-        raise _not_served("CudaSharedMemoryRegister", "CUDA shared memory (cuda_shared_memory)")
-
-    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
-        raise _not_served("CudaSharedMemoryUnregister", "CUDA shared memory (cuda_shared_memory)")
-
-    async def TraceSetting(self, request: Any, context: Any) -> Any:
-        raise _not_served("TraceSetting", "trace (trace)")
-
-    async def LogSettings(self, request: Any, context: Any) -> Any:
-        raise _not_served("LogSettings", "log settings (logging)")
+# Triton's RPCs that convserve declares but does not serve: each answers ``not_served``.
+for _rpc in NOT_SERVED:
+    setattr(TritonExtensions, _rpc, _refusal(_rpc))
 
 
 def _stats(served: ServedModel) -> triton_model.StatsSnapshot:
