@@ -7,7 +7,6 @@ messages into Triton's JSON with ``google.protobuf.json_format.MessageToDict``. 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol
 
 from convserve.protos.inference import grpc_service_pb2 as pb
 from convserve.protos.inference import model_config_pb2 as mc
@@ -16,6 +15,7 @@ from .model_config import MODEL_FILE, ModelConfig
 from .repository import ModelEntry
 from .served_model import ModelState
 from .settings import Settings
+from .stats import Duration, StatsSnapshot
 
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
@@ -109,37 +109,6 @@ def repository_index(entries: Iterable[ModelEntry], ready_only: bool = False) ->
                 name=entry.name, version=str(version), state=_INDEX_STATES[sm.state], reason=sm.reason
             )
     return index
-
-
-class Duration(Protocol):
-    """A cumulative (count, nanoseconds) pair: Triton's StatisticDuration."""
-
-    count: int
-    ns: int
-
-
-class BatchStats(Protocol):
-    batch_size: int
-    compute_input: Duration
-    compute_infer: Duration
-    compute_output: Duration
-
-
-class StatsSnapshot(Protocol):
-    """What ``served.stats.snapshot()`` returns: one version's cumulative counters since it loaded."""
-
-    name: str
-    version: str
-    last_inference_ms: int
-    inference_count: int
-    execution_count: int
-    success: Duration
-    fail: Duration
-    queue: Duration
-    compute_input: Duration
-    compute_infer: Duration
-    compute_output: Duration
-    batch_stats: tuple[BatchStats, ...]
 
 
 def _duration(d: Duration) -> pb.StatisticDuration:
