@@ -231,7 +231,8 @@ class Edge:
         context.set_details(message)
         context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
 
-    def _access(self, call: CallInfo, code: str, start: float, context: grpc.aio.ServicerContext) -> None:
+    def access(self, call: CallInfo, code: str, start: float) -> None:
+        """The access-log line of a finished call (every front end), when the access log is on."""
         if access_log_enabled():
             log_access(
                 request_id=call.request_id,
@@ -266,7 +267,7 @@ class Edge:
             finally:
                 _current.reset(token)
                 self.end()
-                self._access(call, code, start, context)
+                self.access(call, code, start)
 
         unary.__name__ = fn.__name__
         return unary
@@ -299,7 +300,7 @@ class Edge:
             finally:
                 self.end()
                 _current.reset(token)
-                self._access(call, code, start, context)
+                self.access(call, code, start)
                 if responses is not None:
                     await responses.aclose()  # type: ignore[attr-defined]  # stops its reader and tasks now
 

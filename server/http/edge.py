@@ -18,7 +18,7 @@ from aiohttp import web
 
 from ..errors import RequestTooLargeError, UnauthenticatedError, failure
 from ..interceptors import CallInfo, Edge, bearer_valid, bind_call, error_status, unbind_call
-from ..logging_setup import REQUEST_ID_KEY, access_log_enabled, log_access, request_id_from_metadata
+from ..logging_setup import REQUEST_ID_KEY, request_id_from_metadata
 
 __all__ = ["PROBES", "PUBLIC", "RestEdge", "json_error", "json_response"]
 
@@ -87,17 +87,7 @@ class RestEdge:
         finally:
             unbind_call(token)
             self.edge.end()
-            if access_log_enabled():
-                log_access(
-                    request_id=call.request_id,
-                    method=method,
-                    code=code,
-                    duration_s=time.perf_counter() - start,
-                    model=call.model,
-                    version=call.version,
-                    images=call.images,
-                    peer=call.peer,
-                )
+            self.edge.access(call, code, start)
         response.headers[REQUEST_ID_KEY] = call.request_id
         if self.edge.health.draining:
             # The connection ends after this reply: the client's next request opens a new one, which the
