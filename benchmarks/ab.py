@@ -1,10 +1,11 @@
-"""Interleaved A/B of server variants on LeNet single-image Classify: ``python -m benchmarks.ab``.
+"""Interleaved A/B of server variants (LeNet or ResNet-18, any request batch): ``python -m benchmarks.ab``.
 
 Every variant (convserve with extra CLI flags, and the plain baseline) stays up for the whole run and the
 rounds alternate between them, so load from elsewhere on a shared box hits all variants alike; medians
 over rounds are printed, with each variant's throughput as a ratio of the baseline's in the same round.
 
     python -m benchmarks.ab --variant "default=" --variant "intra1=--intra-op-threads 1" -C 1,32 --rounds 4
+    python -m benchmarks.ab --model resnet -C 1,8 --variant "spin=" --variant "never=--spin-above-us -1"
 """
 
 from __future__ import annotations
@@ -66,17 +67,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=2.0)
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--api", default="classify", choices=("classify", "v2", "stream"))
+    p.add_argument("--model", default="lenet", choices=("lenet", "resnet"))
+    p.add_argument("--batch", type=int, default=1, help="images per request")
     p.add_argument("--no-baseline", action="store_true")
     a = p.parse_args(argv)
     variants = [(v.split("=", 1)[0], shlex.split(v.split("=", 1)[1])) for v in a.variant or ["convserve="]]
     conc = [int(c) for c in a.concurrency.split(",")]
     repository = Path("bench_results/models")
     repository.mkdir(parents=True, exist_ok=True)
-    models.prepare_lenet(repository)
-    shape = (1, 28, 28)
+    if a.model == "resnet":
+        models.prepare_resnet(repository)
+    else:
+        models.prepare_lenet(repository)
+    model = models.RESNET if a.model == "resnet" else models.LENET
     from convserve.server.model_config import load_config
 
-    shape = tuple(load_config(repository / models.LENET).input.shape)
+    shape = tuple(load_config(repository / model).input.shape)
     results: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="convserve-ab-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
@@ -84,13 +90,13 @@ def main(argv: list[str] | None = None) -> int:
                    for name, extra in variants}
         if not a.no_baseline:
             targets["baseline"] = stack.enter_context(
-                baseline_server("plain", models.model_file(repository, models.LENET), work))
+                baseline_server("plain", models.model_file(repository, model), work))
         for rnd in range(a.rounds):
             for c in conc:
                 order = list(targets) if rnd % 2 == 0 else list(reversed(targets))
                 for name in order:
                     api = "classify" if name == "baseline" and a.api == "stream" else a.api
-                    case = Case(name, models.LENET, api, 1, c)
+                    case = Case(name, model, api, a.batch, c)
                     res, cpu = drive(targets[name], case, shape, a.warmup, a.duration, 1, work)
                     sm = res.summary()
                     cpu_us = 1e6 * cpu / max(1, int(sm["requests"]))  # server CPU per request, all threads
@@ -99,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"round {rnd + 1} C={c:<3} {name:<12} {sm['images_per_s']:8.0f} img/s "
                           f"p50 {sm['p50_ms']:.2f} p99 {sm['p99_ms']:.2f} ms  cpu {cpu_us:5.0f} us/req  "
                           f"load {os.getloadavg()[0]:.1f}", flush=True)
-    print(f"\nmedians over {a.rounds} rounds ({a.api}; ratio = img/s over the baseline's in the same round)")
+    print(f"\nmedians over {a.rounds} rounds ({a.model}, {a.batch} image(s) per request, {a.api}; "
+          "ratio = img/s over the baseline's in the same round)")
     for c in conc:
         for name in targets:
             rs = results[(name, c)]

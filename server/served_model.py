@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import logging
@@ -165,14 +166,17 @@ class ServedModel:
     def load(self) -> None:
         """Create the session and batcher (blocking). On failure the version is FAILED with the reason."""
         s = self.settings
+        options = SessionOptions(s.intra_op_threads, s.inter_op_threads, s.graph_optimization_level)
         try:
-            session = OnnxSession(
-                self.path,
-                self.cfg,
-                self.providers,
-                SessionOptions(s.intra_op_threads, s.inter_op_threads, s.graph_optimization_level),
-            )
+            session = OnnxSession(self.path, self.cfg, self.providers, options)
             warm_up(session.run, self.cfg)  # serves only after real batches give [N, classes] finite values
+            if 0 <= s.spin_above_us < 1e6 * _median_run_s(session, self.cfg, clock=time.perf_counter):
+                # An expensive model's runs hand work between operators faster with spinning threads
+                # (ResNet-18, C=1: +13% img/s); a cheap one's would take the loop's core (docs/DESIGN.md).
+                session = OnnxSession(
+                    self.path, self.cfg, self.providers, dataclasses.replace(options, spin_during_runs=True)
+                )
+                warm_up(session.run, self.cfg)
         except Exception as exc:  # any load problem is a reason to report, not a crash
             if self.state is not ModelState.LOADING:
                 return
@@ -201,11 +205,12 @@ class ServedModel:
         self.batcher.start()
         self._move(ModelState.READY)
         log.info(
-            "model %s version %s ready on %s (batching %s; inline single-image runs %s)",
+            "model %s version %s ready on %s (batching %s; %s; inline single-image runs %s)",
             self.name,
             self.version,
             self.provider,
             "on" if policy.enabled else "off",
+            "threads spin during runs" if session.spinning else "threads sleep between operators",
             f"estimated at {self.inline_run_s * 1e6:.0f} µs" if self.inline_session is not None else "off",
             extra={
                 "fields": {
@@ -330,15 +335,22 @@ class ServedModel:
         return self._reprobe % REPROBE_EVERY == 0
 
 
-def _median_run_s(session: OnnxSession, cfg: ModelConfig, runs: int = 7, warm: int = 0) -> float:
-    """Median of ``runs`` single-image runs after ``warm`` untimed ones: the cost estimate the inline
-    decision starts from."""
+def _median_run_s(
+    session: OnnxSession,
+    cfg: ModelConfig,
+    runs: int = 7,
+    warm: int = 0,
+    clock: Callable[[], float] = time.thread_time,
+) -> float:
+    """Median of ``runs`` single-image runs after ``warm`` untimed ones: the cost estimate the inline and
+    spinning decisions start from. The default clock is this thread's CPU: what a one-thread run costs,
+    preemption excluded; a multi-thread run's length needs wall time (``time.perf_counter``)."""
     probe = np.zeros((1, *cfg.input.shape), dtype=np.float32)
     for _ in range(warm):
         session.run(probe)
     times = []
     for _ in range(runs):
-        t0 = time.thread_time()  # this thread's CPU: what a one-thread run costs, preemption excluded
+        t0 = clock()
         session.run(probe)
-        times.append(time.thread_time() - t0)
+        times.append(clock() - t0)
     return sorted(times)[len(times) // 2]

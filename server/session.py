@@ -45,6 +45,7 @@ class SessionOptions:
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     graph_optimization_level: str = "all"
+    spin_during_runs: bool = False
 
 
 def provider_list(requested: Sequence[str], available: Sequence[str] | None = None) -> list[str]:
@@ -89,7 +90,8 @@ def _warn_once(requested: tuple[str, ...], fallback: str, message: str) -> None:
 class OnnxSession:
     """A loaded ONNX Runtime session checked against its config; ``run`` is thread-safe and synchronous.
 
-    The server never calls ``run`` on the event loop: the batcher's worker threads do.
+    The batcher's worker threads call ``run``; only a cheap model's one-thread inline session runs on the
+    event loop (``ServedModel.infer``).
     """
 
     def __init__(
@@ -101,14 +103,18 @@ class OnnxSession:
     ) -> None:
         self.path = Path(path)
         self.cfg = cfg
+        self.spinning = options.spin_during_runs
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = options.intra_op_threads
         opts.inter_op_num_threads = options.inter_op_threads
         opts.graph_optimization_level = _OPT_LEVELS[options.graph_optimization_level]
-        # Idle intra-op threads would otherwise spin for a while after every run, burning the cores the
-        # gRPC event loop needs between small requests (measured: ~25% more server CPU per LeNet request).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        # Threads that spin after a run would burn the cores the event loop needs between requests
+        # (measured: ~25% more server CPU per LeNet request), so spinning, when on, stops as the last
+        # concurrent run returns (docs/DESIGN.md, "ONNX Runtime threads").
+        spin = "1" if options.spin_during_runs else "0"
+        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        opts.add_session_config_entry("session.force_spinning_stop", spin)
         opts.log_severity_level = 3  # ORT's own warnings are summarised by our one fallback warning
         wanted = provider_list(providers)
         # Read the bytes ourselves: only a regular .onnx file is ever handed to ONNX Runtime.

@@ -67,6 +67,11 @@ class Settings:
     intra_op_threads: int = _s(0, "ONNX Runtime threads inside one operator (0 = ONNX Runtime's default)")
     inter_op_threads: int = _s(0, "ONNX Runtime threads across operators (0 = ONNX Runtime's default)")
     graph_optimization_level: str = _s("all", f"ONNX Runtime graph optimizations: {'|'.join(OPT_LEVELS)}")
+    spin_above_us: int = _s(
+        1000,
+        "models whose one-image run takes longer (µs) keep ONNX Runtime's threads spinning during a run, "
+        "stopping as it ends (-1 = never spin)",
+    )
     repository_poll_seconds: float = _s(
         0.0, "rescan the repository this often; new or changed versions serve without a restart (0 = off)"
     )
@@ -173,6 +178,8 @@ def _validate(s: Settings) -> None:
         "decode_pixels_in_flight",
     )
     problems += [f"{n} must be >= 1, got {getattr(s, n)}" for n in positive if getattr(s, n) < 1]
+    if s.spin_above_us < -1:
+        problems.append(f"spin_above_us must be >= -1, got {s.spin_above_us}")
     non_negative = (
         "inline_inference_us",
         "cpu_workers",
