@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api", default="classify", choices=("classify", "v2", "stream"))
     p.add_argument("--model", default="lenet", choices=("lenet", "resnet"))
     p.add_argument("--batch", type=int, default=1, help="images per request")
+    p.add_argument("--baseline", default="plain", choices=("plain", "sync"),
+                   help="plain: grpc.aio + session.run in the default executor; sync: grpc's thread-pool "
+                   "server running a one-thread session inline (benchmarks/baseline_server.py)")
     p.add_argument("--no-baseline", action="store_true")
     a = p.parse_args(argv)
     variants = [(v.split("=", 1)[0], shlex.split(v.split("=", 1)[1])) for v in a.variant or ["convserve="]]
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                    for name, extra in variants}
         if not a.no_baseline:
             targets["baseline"] = stack.enter_context(
-                baseline_server("plain", models.model_file(repository, model), work))
+                baseline_server(a.baseline, models.model_file(repository, model), work))
         for rnd in range(a.rounds):
             for c in conc:
                 order = list(targets) if rnd % 2 == 0 else list(reversed(targets))

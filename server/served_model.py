@@ -132,6 +132,7 @@ class ServedModel:
         # the batcher is idle: a thread hop each way costs more than such a run (docs/DESIGN.md).
         self.inline_max_s = settings.inline_inference_us / 1e6
         self.inline_session: OnnxSession | None = None
+        self.lone_session: OnnxSession | None = None  # a cheap model's spinning session for lone runs
         self.inline_run_s = 0.0  # smoothed duration of one inline run
         self.loop_load = LoopLoad()
         self._pending = 0  # requests of this version waiting on the batcher
@@ -201,7 +202,16 @@ class ServedModel:
             except Exception:  # the batcher path still serves; inline is only an optimisation
                 log.exception("model %s version %s: no inline session", self.name, self.version)
                 self.inline_session = None
-        self.batcher = Batcher(session.run, policy=policy, observer=self.stats, name=self.name)
+        if self.inline_session is not None and not session.spinning and s.spin_above_us >= 0:
+            try:
+                self.lone_session = OnnxSession(
+                    self.path, self.cfg, self.providers, dataclasses.replace(options, spin_during_runs=True)
+                )
+                warm_up(self.lone_session.run, self.cfg)
+            except Exception:  # the sleeping session still serves
+                log.exception("model %s version %s: no spinning session", self.name, self.version)
+                self.lone_session = None
+        self.batcher = Batcher(self._run_batch, policy=policy, observer=self.stats, name=self.name)
         self.batcher.start()
         self._move(ModelState.READY)
         log.info(
@@ -322,6 +332,21 @@ class ServedModel:
             return await batcher.submit(batch, deadline, backpressure, client or None)
         finally:
             self._pending -= 1
+
+    def _run_batch(self, batch: np.ndarray) -> np.ndarray:
+        """The batcher's run. A cheap model's batch spins its threads when its estimated cost exceeds
+        ``spin_above_us`` and no other request of this version waits: then no event-loop work competes for
+        the cores (docs/DESIGN.md, "ONNX Runtime threads")."""
+        lone = self.lone_session
+        if (
+            lone is not None
+            and self._pending <= 1
+            and len(batch) * self.inline_run_s * 1e6 > self.settings.spin_above_us
+        ):
+            return lone.run(batch)
+        session = self.session
+        assert session is not None
+        return session.run(batch)
 
     def _inline_now(self) -> bool:
         """Whether a single image runs inline: its estimated cost is within the bound; or, for an estimate
