@@ -2,11 +2,12 @@
 
 In one run, with every server up for the whole run and rounds interleaved (medians reported), it measures:
 (a) an empty grpc.aio servicer (canned replies), (b) a plain server (one ``session.run`` per request and
-nothing else), (c) in-process ONNX Runtime, and (d) convserve (metrics on; off; and on asyncio's loop instead
-of uvloop) — img/s, latency percentiles and the server's CPU µs per request (from /proc, over the measured
-window) — plus a head-of-line check (three clients sending 16-megapixel PNGs against a small request and a
-health Check). It writes ``bench_results/bench.json``, ``bench.png`` and ``bench.md`` (also printed), with
-the issue's targets checked at the end.
+nothing else), (b') grpc's sync thread-pool server running the model inline on the calling thread (the
+strongest baseline built here; no target), (c) in-process ONNX Runtime, and (d) convserve (metrics on;
+off; and on asyncio's loop instead of uvloop) — img/s, latency percentiles and the server's CPU µs per
+request (from /proc, over the measured window) — plus a head-of-line check (three clients sending
+16-megapixel PNGs against a small request and a health Check). It writes ``bench_results/bench.json``,
+``bench.png`` and ``bench.md`` (also printed), with the issue's targets checked at the end.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from .loadgen import Result, merge
 log = logging.getLogger("benchmarks")
 
 CONCURRENCY = (1, 8, 32)
-SERVERS = ("empty", "plain", "convserve", "convserve-nometrics", "convserve-asyncio", "convserve-noinline")
+SERVERS = ("empty", "plain", "sync", "convserve", "convserve-nometrics", "convserve-asyncio",
+           "convserve-noinline")
 
 
 @dataclass(frozen=True)
@@ -219,7 +221,7 @@ def plan(quick: bool, lenet: str, resnet: str | None, concurrency: tuple[int, ..
     cases: list[Case] = []
     for c in concurrency:
         for api in ("classify", "v2"):
-            cases += [Case(srv, lenet, api, 1, c) for srv in ("empty", "plain", "convserve")]
+            cases += [Case(srv, lenet, api, 1, c) for srv in ("empty", "plain", "sync", "convserve")]
         if c > 1:
             cases.append(Case("convserve", lenet, "stream", 1, c))
     for c in (1, 32):  # each design choice measured against the same server without it
@@ -259,6 +261,21 @@ def _find(rows: list[Row], **match) -> Row | None:
         if all(getattr(r.case, k) == v for k, v in match.items()):
             return r
     return None
+
+
+def against_sync(rows: list[Row], lenet: str) -> list[str]:
+    """convserve over the sync thread-pool server, row by row: issue #12 sets no target against it, but it
+    is the strongest baseline built here, so the report shows where convserve stands against it."""
+    out = []
+    for api in ("classify", "v2"):
+        for c in (1, 8, 32):
+            ours, sync = (_find(rows, server=srv, model=lenet, api=api, batch=1, concurrency=c)
+                          for srv in ("convserve", "sync"))
+            if ours and sync and sync.summary["images_per_s"] and sync.summary["cpu_us_per_request"]:
+                speed = ours.summary["images_per_s"] / sync.summary["images_per_s"]
+                cpu = ours.summary["cpu_us_per_request"] / sync.summary["cpu_us_per_request"]
+                out.append(f"- LeNet {api} C={c}: img/s {speed:.2f}x, server CPU/request {cpu:.2f}x")
+    return out
 
 
 def targets(rows: list[Row], lenet: str, resnet: str | None, ceilings: dict[str, dict[int, float]],
@@ -336,7 +353,7 @@ def plot(rows: list[Row], path: Path) -> None:
         for key, rs in series.items():
             rs = sorted(rs, key=lambda r: r.case.concurrency)
             cs = [r.case.concurrency for r in rs]
-            style = "--" if key.startswith(("plain", "empty")) else "-"
+            style = "--" if key.startswith(("plain", "empty", "sync")) else "-"
             axes[m][0].plot(cs, [r.summary["images_per_s"] for r in rs], style, marker="o", label=key)
             axes[m][1].plot(cs, [r.summary["p99_ms"] for r in rs], style, marker="o", label=key)
         ceil = {r.ceiling for r in rows if r.case.model == model and r.case.batch == 1 and r.ceiling}
@@ -423,11 +440,11 @@ def main(argv: list[str] | None = None) -> int:
         targets_by: dict[tuple[str, str], Server] = {}
         stalls: list[dict] = []
         for srv in servers:
-            if srv == "plain":
+            if srv in ("plain", "sync"):
                 for m in shapes:
                     if any(c.server == srv and c.model == m for c in cases):
                         targets_by[srv, m] = stack.enter_context(
-                            baseline_server("plain", models.model_file(repository, m), work))
+                            baseline_server(srv, models.model_file(repository, m), work))
             else:
                 started = stack.enter_context(
                     baseline_server("empty", None, work) if srv == "empty"
@@ -492,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
             f"head-of-line check (3 x 16-Mpx PNG senders), per round: {stall_line or 'not run'}\n\n"
             f"in-process ceilings (img/s by batch): "
             f"{ {m: {b: round(v) for b, v in c.items()} for m, c in ceilings.items()} }\n\nTargets:\n{tgt}\n")
+    if sync_lines := against_sync(rows, models.LENET):
+        text += ("\nconvserve against the sync thread-pool server (no target; the strongest baseline "
+                 "built here):\n" + "\n".join(sync_lines) + "\n")
     print(text)
     (a.out / "bench.md").write_text(text)
     (a.out / "bench.json").write_text(json.dumps({
