@@ -171,7 +171,9 @@ class ServedModel:
         try:
             session = OnnxSession(self.path, self.cfg, self.providers, options)
             warm_up(session.run, self.cfg)  # serves only after real batches give [N, classes] finite values
-            if 0 <= s.spin_above_us < 1e6 * _median_run_s(session, self.cfg, clock=time.perf_counter):
+            if _spins(s, session) and s.spin_above_us < 1e6 * _median_run_s(
+                session, self.cfg, clock=time.perf_counter
+            ):
                 # An expensive model's runs hand work between operators faster with spinning threads
                 # (ResNet-18, C=1: +13% img/s); a cheap one's would take the loop's core (docs/DESIGN.md).
                 session = OnnxSession(
@@ -202,7 +204,7 @@ class ServedModel:
             except Exception:  # the batcher path still serves; inline is only an optimisation
                 log.exception("model %s version %s: no inline session", self.name, self.version)
                 self.inline_session = None
-        if self.inline_session is not None and not session.spinning and s.spin_above_us >= 0:
+        if self.inline_session is not None and not session.spinning and _spins(s, session):
             try:
                 self.lone_session = OnnxSession(
                     self.path, self.cfg, self.providers, dataclasses.replace(options, spin_during_runs=True)
@@ -358,6 +360,12 @@ class ServedModel:
             return False
         self._reprobe += 1
         return self._reprobe % REPROBE_EVERY == 0
+
+
+def _spins(settings: Settings, session: OnnxSession) -> bool:
+    """Whether spinning threads may serve this version at all: not when turned off, and not on a GPU,
+    where the intra-op threads would spin through every kernel the device runs."""
+    return settings.spin_above_us >= 0 and session.provider == "CPUExecutionProvider"
 
 
 def _median_run_s(

@@ -69,8 +69,8 @@ class Settings:
     graph_optimization_level: str = _s("all", f"ONNX Runtime graph optimizations: {'|'.join(OPT_LEVELS)}")
     spin_above_us: int = _s(
         1000,
-        "models whose one-image run takes longer (µs) keep ONNX Runtime's threads spinning during a run, "
-        "stopping as it ends (-1 = never spin)",
+        "CPU runs estimated longer than this (µs) keep ONNX Runtime's threads spinning during the run, "
+        "stopping as it ends (-1 = never spin; docs/DESIGN.md)",
     )
     repository_poll_seconds: float = _s(
         0.0, "rescan the repository this often; new or changed versions serve without a restart (0 = off)"

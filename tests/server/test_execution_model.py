@@ -11,6 +11,7 @@ import io
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -30,6 +31,7 @@ from convserve.server.inference import (
 )
 from convserve.server.metrics import Metrics
 from convserve.server.repository import ModelRepository
+from convserve.server.served_model import _spins
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
@@ -368,6 +370,14 @@ def test_a_cheap_models_batches_spin_only_when_no_other_request_waits(model_repo
 
 async def _lone_session_of(core: InferenceCore, repository: ModelRepository) -> Any:
     return repository.resolve("gray", 1).lone_session
+
+
+def test_sessions_on_a_gpu_never_spin(model_repository: Path) -> None:
+    """On a GPU the intra-op threads would spin through every kernel the device runs, taking CPU cores."""
+    cpu, gpu = (SimpleNamespace(provider=f"{p}ExecutionProvider") for p in ("CPU", "CUDA"))
+    settings = test_settings(model_repository, spin_above_us=0)
+    assert _spins(settings, cpu) and not _spins(settings, gpu)
+    assert not _spins(test_settings(model_repository, spin_above_us=-1), cpu)
 
 
 def test_startup_objects_are_frozen_out_of_full_collections() -> None:
