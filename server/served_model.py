@@ -176,10 +176,7 @@ class ServedModel:
             ):
                 # An expensive model's runs hand work between operators faster with spinning threads
                 # (ResNet-18, C=1: +13% img/s); a cheap one's would take the loop's core (docs/DESIGN.md).
-                session = OnnxSession(
-                    self.path, self.cfg, self.providers, dataclasses.replace(options, spin_during_runs=True)
-                )
-                warm_up(session.run, self.cfg)
+                session = self._spinning_session(options)
         except Exception as exc:  # any load problem is a reason to report, not a crash
             if self.state is not ModelState.LOADING:
                 return
@@ -206,10 +203,7 @@ class ServedModel:
                 self.inline_session = None
         if self.inline_session is not None and not session.spinning and _spins(s, session):
             try:
-                self.lone_session = OnnxSession(
-                    self.path, self.cfg, self.providers, dataclasses.replace(options, spin_during_runs=True)
-                )
-                warm_up(self.lone_session.run, self.cfg)
+                self.lone_session = self._spinning_session(options)
             except Exception:  # the sleeping session still serves
                 log.exception("model %s version %s: no spinning session", self.name, self.version)
                 self.lone_session = None
@@ -235,6 +229,13 @@ class ServedModel:
             },
         )
 
+    def _spinning_session(self, options: SessionOptions) -> OnnxSession:
+        """A warmed-up session whose intra-op threads spin during runs and stop as each run ends."""
+        session = OnnxSession(
+            self.path, self.cfg, self.providers, dataclasses.replace(options, spin_during_runs=True)
+        )
+        warm_up(session.run, self.cfg)
+        return session
 
     def _fail(self, reason: str) -> None:
         self.reason = reason
