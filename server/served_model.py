@@ -171,9 +171,8 @@ class ServedModel:
         try:
             session = OnnxSession(self.path, self.cfg, self.providers, options)
             warm_up(session.run, self.cfg)  # serves only after real batches give [N, classes] finite values
-            if _spins(s, session) and s.spin_above_us < 1e6 * _median_run_s(
-                session, self.cfg, clock=time.perf_counter
-            ):
+            cpu_s, wall_s = _median_run_s(session, self.cfg)  # one probe for both decisions below
+            if _spins(s, session) and s.spin_above_us < 1e6 * wall_s:
                 # An expensive model's runs hand work between operators faster with spinning threads
                 # (ResNet-18, C=1: +13% img/s); a cheap one's would take the loop's core (docs/DESIGN.md).
                 session = self._spinning_session(options)
@@ -188,7 +187,7 @@ class ServedModel:
         self.session = session
         self.provider = session.provider
         policy = self.batching
-        if self.inline_max_s > 0 and _median_run_s(session, self.cfg) <= REPROBE_FACTOR * self.inline_max_s:
+        if self.inline_max_s > 0 and cpu_s <= REPROBE_FACTOR * self.inline_max_s:
             # A cheap model also gets a one-thread session for the inline path: waking ONNX Runtime's
             # intra-op threads costs more than such a model (measured: ~120 µs against ~40 µs for LeNet).
             try:
@@ -197,7 +196,7 @@ class ServedModel:
                     SessionOptions(1, 1, s.graph_optimization_level),
                 )  # fmt: skip
                 # A fresh session's first runs are slow (allocation, caches): warm it before timing.
-                self.inline_run_s = _median_run_s(self.inline_session, self.cfg, runs=15, warm=10)
+                self.inline_run_s = _median_run_s(self.inline_session, self.cfg, runs=15, warm=10)[0]
             except Exception:  # the batcher path still serves; inline is only an optimisation
                 log.exception("model %s version %s: no inline session", self.name, self.version)
                 self.inline_session = None
@@ -370,21 +369,18 @@ def _spins(settings: Settings, session: OnnxSession) -> bool:
 
 
 def _median_run_s(
-    session: OnnxSession,
-    cfg: ModelConfig,
-    runs: int = 7,
-    warm: int = 0,
-    clock: Callable[[], float] = time.thread_time,
-) -> float:
-    """Median of ``runs`` single-image runs after ``warm`` untimed ones: the cost estimate the inline and
-    spinning decisions start from. The default clock is this thread's CPU: what a one-thread run costs,
-    preemption excluded; a multi-thread run's length needs wall time (``time.perf_counter``)."""
+    session: OnnxSession, cfg: ModelConfig, runs: int = 7, warm: int = 0
+) -> tuple[float, float]:
+    """Medians of ``runs`` single-image runs after ``warm`` untimed ones, as (this thread's CPU, wall time):
+    the cost estimates the inline and spinning decisions start from. Thread CPU is what a one-thread run
+    costs, preemption excluded; a multi-thread run's length needs wall time."""
     probe = np.zeros((1, *cfg.input.shape), dtype=np.float32)
     for _ in range(warm):
         session.run(probe)
-    times = []
+    cpu, wall = [], []
     for _ in range(runs):
-        t0 = clock()
+        c0, t0 = time.thread_time(), time.perf_counter()
         session.run(probe)
-        times.append(clock() - t0)
-    return sorted(times)[len(times) // 2]
+        cpu.append(time.thread_time() - c0)
+        wall.append(time.perf_counter() - t0)
+    return sorted(cpu)[len(cpu) // 2], sorted(wall)[len(wall) // 2]
