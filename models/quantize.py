@@ -104,7 +104,7 @@ def quantize_model_dir(model_dir: Path, *, calibration: Path | None = None, eval
     attempts: list[str] = []
     first_last = _first_last_compute(float_bytes)
     for exclude in ((), first_last) if first_last else ((),):
-        int8_bytes = _quantize(float_bytes, cfg, calib_x, exclude)
+        int8_bytes = quantize_graph(float_bytes, cfg.input.name, calib_x, exclude)
         int8_out = _predict(int8_bytes, cfg, gate_x)
         accuracy_failures = _accuracy_failures(float_out, int8_out, gate_truth)
         attempts.append("all compute nodes int8" if not exclude else f"kept float: {', '.join(exclude)}")
@@ -116,7 +116,7 @@ def quantize_model_dir(model_dir: Path, *, calibration: Path | None = None, eval
         data=gate_text, images=len(gate_x), labelled=gate_truth is not None,
         float_accuracy=_accuracy(float_out, gate_truth), int8_accuracy=_accuracy(int8_out, gate_truth),
         agreement=float(np.mean(float_out == int8_out)), speed=speed, failures=tuple(failures))
-    float_nodes = _float_compute_nodes(int8_bytes)
+    float_nodes = float_compute_nodes(int8_bytes)
     version = next_version(model_dir)
     result = QuantizeResult(model=cfg.name, from_version=source_version, version=version, written=False,
                             calibration=calib_text, float_nodes=float_nodes, gate=gate, attempts=attempts)
@@ -156,17 +156,26 @@ def format_report(result: QuantizeResult) -> str:
 def _source(model_dir: Path, from_version: int | None, quantized: set[int]) -> tuple[int, Path]:
     if from_version is None:
         candidates = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()
-                            and int(p.name) not in quantized and (p / MODEL_FILE).is_file())
+                            and int(p.name) not in quantized and (p / MODEL_FILE).is_file()
+                            and not _is_int8(p / MODEL_FILE))
         if not candidates:
             raise QuantizeError(f"model folder {model_dir} holds no float version to quantize")
         from_version = candidates[-1]
-    if from_version in quantized:
-        raise QuantizeError(f"version {from_version} of {model_dir.name} is already int8; "
-                            "quantize a float one")
     try:
-        return evaluate.resolve_version(model_dir, from_version)
+        version, path = evaluate.resolve_version(model_dir, from_version)
     except evaluate.EvaluateError as exc:
         raise QuantizeError(str(exc)) from None
+    if version in quantized or _is_int8(path):
+        raise QuantizeError(f"version {version} of {model_dir.name} is already int8; quantize a float one")
+    return version, path
+
+
+def _is_int8(path: Path) -> bool:
+    """Whether the graph already quantizes (a record in config.json can be lost when export rewrites it)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(n.op_type == "QuantizeLinear" or n.op_type.startswith("QLinear") for n in graph.node)
 
 
 def _calibration_inputs(cfg: ModelConfig, folder: Path | None) -> tuple[np.ndarray, str]:
@@ -218,7 +227,10 @@ def _spread(indices: np.ndarray, n: int) -> np.ndarray:
 # ---- the graph -------------------------------------------------------------------------------------
 
 
-def _quantize(float_bytes: bytes, cfg: ModelConfig, calib_x: np.ndarray, exclude: tuple[str, ...]) -> bytes:
+def quantize_graph(float_bytes: bytes, input_name: str, calib_x: np.ndarray,
+                   exclude: tuple[str, ...] = ()) -> bytes:
+    """The int8 graph (METHOD) of a float ONNX graph, its activation ranges set by ``calib_x`` (N, C, H, W)
+    preprocessed as served; nodes named in ``exclude`` stay float. Raises QuantizeError."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -233,7 +245,7 @@ def _quantize(float_bytes: bytes, cfg: ModelConfig, calib_x: np.ndarray, exclude
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self._batches, None)
-            return None if batch is None else {cfg.input.name: batch}
+            return None if batch is None else {input_name: batch}
 
     with tempfile.TemporaryDirectory(prefix="convserve-quantize-") as tmp, _quiet():
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
@@ -260,7 +272,7 @@ def _first_last_compute(onnx_bytes: bytes) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names[:1] + names[-1:]))
 
 
-def _float_compute_nodes(onnx_bytes: bytes) -> tuple[str, ...]:
+def float_compute_nodes(onnx_bytes: bytes) -> tuple[str, ...]:
     """Compute nodes whose data input does not come from a DequantizeLinear: they run in float32."""
     nodes = _nodes(onnx_bytes)
     dequantized = {out for n in nodes if n.op_type == "DequantizeLinear" for out in n.output}
