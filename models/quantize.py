@@ -15,7 +15,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +76,7 @@ class QuantizeResult:
     calibration: str
     float_nodes: tuple[str, ...]
     gate: Gate
-    attempts: list[str] = field(default_factory=list)
+    attempts: tuple[str, ...] = ()
 
 
 def quantize_model_dir(model_dir: Path, *, calibration: Path | None = None, eval_dir: Path | None = None,
@@ -119,13 +119,14 @@ def quantize_model_dir(model_dir: Path, *, calibration: Path | None = None, eval
     float_nodes = float_compute_nodes(int8_bytes)
     version = next_version(model_dir)
     result = QuantizeResult(model=cfg.name, from_version=source_version, version=version, written=False,
-                            calibration=calib_text, float_nodes=float_nodes, gate=gate, attempts=attempts)
+                            calibration=calib_text, float_nodes=float_nodes, gate=gate,
+                            attempts=tuple(attempts))
     if not gate.passed and not force:
         return result
     record = QuantizedVersion(version=version, from_version=source_version, method=METHOD,
                               calibration=calib_text, float_nodes=float_nodes)
     _write(model_dir, version, int8_bytes, cfg.replace(quantized=(*cfg.quantized, record)))
-    return QuantizeResult(**{**result.__dict__, "written": True})
+    return replace(result, written=True)
 
 
 def format_report(result: QuantizeResult) -> str:

@@ -168,3 +168,21 @@ def test_an_imported_model_needs_calibration(tmp_path: Path, make_model: Any,
     _one_error_line(capsys.readouterr().err, "not trained by convserve", "--calibration IMAGES_DIR")
     assert rc == 1
     assert _snapshot(repository) == before
+
+
+def test_misuse_is_one_error_line_and_writes_nothing(repo: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    model_dir = str(repo / "digits_lenet")
+    before = _snapshot(repo)
+    cases = [
+        (["--calibration", str(tmp_path / "missing")], "--calibration", "expected a folder of images"),
+        (["--eval", str(tmp_path / "missing")], "--eval", "expected a folder of images"),
+        (["--from-version", "0"], "--from-version must be a positive integer"),
+        (["--from-version", "7"], "has no version 7; available: [1]"),
+    ]
+    for extra, *expected in cases:
+        assert main(["quantize", model_dir, *extra]) == 1
+        _one_error_line(capsys.readouterr().err, *expected)
+    assert main(["quantize", str(repo / "nothing_here")]) == 1
+    _one_error_line(capsys.readouterr().err, "no config.json")
+    assert _snapshot(repo) == before
