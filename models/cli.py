@@ -1,4 +1,5 @@
-"""`convserve train | export | evaluate | archs`: flags → calls into the offline pipeline, nothing else.
+"""`convserve train | export | evaluate | quantize | robustness | inspect | archs`: flags → calls into the
+offline pipeline, nothing else.
 
 Importing this module is light (argparse only): torch, ONNX Runtime and scikit-learn load inside the
 handlers, so ``convserve --help`` and the client commands work on the base install.

@@ -277,7 +277,15 @@ def model_config_for(dataset: ImageDataset, name: str, color_mode: str, input_si
         input=InputSpec(shape=(channels, input_size, input_size)),
         preprocessing=Preprocessing(color_mode=color_mode, resize=(input_size, input_size),
                                     mean=(0.5,) * channels, std=(0.5,) * channels, **ink),
-        labels=dataset.class_names, architecture=architecture, training_data=dataset.source).validate()
+        labels=dataset.class_names, architecture=architecture,
+        training_data=_absolute(dataset.source)).validate()
+
+
+def _absolute(spec: str) -> str:
+    """An image folder recorded in a config must still name it when read from another working directory."""
+    if spec.startswith(IMAGEFOLDER_PREFIX):
+        return IMAGEFOLDER_PREFIX + str(Path(spec[len(IMAGEFOLDER_PREFIX):]).resolve())
+    return spec
 
 
 def to_arrays(dataset: ImageDataset, indices: Sequence[int], cfg: ModelConfig) -> np.ndarray:
