@@ -46,6 +46,7 @@ class Load:
     warmup: float  # seconds of load before measuring
     duration: float  # seconds measured
     input_name: str = "input"
+    version: int = 0  # 0: the server's latest ready version
 
 
 @dataclass
@@ -82,13 +83,14 @@ def payload(load: Load, seed: int = 0) -> bytes:
     x = rng.standard_normal((load.batch, *load.shape)).astype(np.float32)
     if load.api in ("classify", "stream"):
         tensor = cpb.Tensor(dtype=cpb.DATA_TYPE_FLOAT32, shape=list(x.shape), data=x.tobytes())
-        req = cpb.ClassifyRequest(model=load.model, images=[cpb.Image(tensor=tensor)], top_k=1)
+        req = cpb.ClassifyRequest(model=load.model, version=load.version, images=[cpb.Image(tensor=tensor)],
+                                  top_k=1)
         return req.SerializeToString()
     if load.api == "v2":
         inp = vpb.ModelInferRequest.InferInputTensor(name=load.input_name, datatype="FP32",
                                                      shape=list(x.shape))
-        return vpb.ModelInferRequest(model_name=load.model, inputs=[inp],
-                                     raw_input_contents=[x.tobytes()]).SerializeToString()
+        return vpb.ModelInferRequest(model_name=load.model, model_version=str(load.version or ""),
+                                     inputs=[inp], raw_input_contents=[x.tobytes()]).SerializeToString()
     if load.api == "rest":  # the binary-tensor extension: JSON header, then the raw tensor; binary reply
         header = json.dumps({
             "inputs": [{"name": load.input_name, "datatype": "FP32", "shape": list(x.shape),
@@ -315,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api", choices=APIS, required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--input-name", default="input")
+    p.add_argument("--version", type=int, default=0, help="model version (gRPC APIs); default the latest")
     p.add_argument("--shape", required=True, help="C,H,W of one image")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=1)
@@ -325,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     c, h, w = (int(v) for v in a.shape.split(","))
     load = Load(api=a.api, model=a.model, shape=(c, h, w), batch=a.batch, concurrency=a.concurrency,
-                warmup=a.warmup, duration=a.duration, input_name=a.input_name)
+                warmup=a.warmup, duration=a.duration, input_name=a.input_name, version=a.version)
     result = asyncio.run(generate(load, a.target, a.start_at or time.time()))
     a.out.write_text(json.dumps(asdict(result)))
     return 0

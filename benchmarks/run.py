@@ -51,6 +51,7 @@ class Case:
     api: str  # classify | v2 | stream
     batch: int
     concurrency: int
+    version: int = 0  # 0: the latest ready version
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,8 @@ def drive(server: Server, case: Case, shape: tuple[int, ...], warmup: float, dur
         out = work / f"load-{time.monotonic_ns()}-{i}.json"
         cmd = [sys.executable, "-m", "benchmarks.loadgen", "--target", target, "--api", case.api,
                "--model", case.model, "--shape", ",".join(map(str, shape)), "--batch", str(case.batch),
-               "--concurrency", str(share), "--warmup", str(warmup), "--duration", str(duration),
+               "--concurrency", str(share), "--version", str(case.version),
+               "--warmup", str(warmup), "--duration", str(duration),
                "--start-at", str(start_at), "--out", str(out)]
         runs.append((subprocess.Popen(cmd, cwd=models.REPO_ROOT), out))
     # The server's CPU over exactly the measured window (the load generators' clocks share start_at).

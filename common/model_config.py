@@ -112,6 +112,17 @@ class Batching:
 
 
 @dataclass(frozen=True)
+class QuantizedVersion:
+    """How ``convserve quantize`` made one version from another: a record for people, ignored by serving."""
+
+    version: int
+    from_version: int
+    method: str  # e.g. "static QDQ, int8 per-channel weights (reduce_range), uint8 activations"
+    calibration: str  # which images set the activation ranges, and how many
+    float_nodes: tuple[str, ...] = ()  # compute nodes left in float32
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     input: InputSpec = field(default_factory=InputSpec)
@@ -125,6 +136,10 @@ class ModelConfig:
     execution_providers: tuple[str, ...] = ()
     architecture: str = ""
     platform: str = "onnxruntime_onnx"
+    # The --data spec convserve trained on ("" for imported models): quantization calibrates on its
+    # training split and gates on its held-out split.
+    training_data: str = ""
+    quantized: tuple[QuantizedVersion, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -158,6 +173,9 @@ class ModelConfig:
                 execution_providers=tuple(data.get("execution_providers", ())),
                 architecture=str(data.get("architecture", "")),
                 platform=str(data.get("platform", "onnxruntime_onnx")),
+                training_data=str(data.get("training_data", "")),
+                quantized=tuple(_build(QuantizedVersion, q, tuples=("float_nodes",))
+                                for q in data.get("quantized", ())),
             )
         except KeyError as exc:
             raise ModelConfigError(f"model config is missing required field {exc}") from None
@@ -266,6 +284,9 @@ def _problems(cfg: ModelConfig) -> list[str]:
     vp = cfg.version_policy
     if vp.latest is not None and vp.latest < 1:
         p.append("version_policy.latest must be >= 1")
+    q_versions = [q.version for q in cfg.quantized]
+    if any(not isinstance(v, int) or v < 1 for v in q_versions) or len(set(q_versions)) != len(q_versions):
+        p.append(f"quantized[].version must be distinct positive integers, got {q_versions}")
     bad = [x for x in cfg.execution_providers if x not in PROVIDERS]
     if bad:
         p.append(f"execution_providers must be among {PROVIDERS}, got {bad}")

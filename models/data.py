@@ -211,6 +211,23 @@ def load_imagefolder(root: Path) -> ImageDataset:
         load=lambda i: _open_image(files[i]))
 
 
+def load_image_files(root: Path) -> ImageDataset:
+    """Every JPEG/PNG under ``root`` (any depth), unlabelled: one class ``"?"``. For calibration images and
+    for held-out images without labels. Raises DataError when there are none."""
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist or is not a directory")
+    try:
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    except OSError as exc:
+        raise DataError(f"cannot list image folder {root}: {exc.strerror or exc}") from None
+    if not files:
+        raise DataError(f"image folder {root} holds no {'/'.join(IMAGE_SUFFIXES)} images")
+    return ImageDataset(source=f"{IMAGEFOLDER_PREFIX}{root}", short_name=root.resolve().name or "images",
+                        class_names=("?",), labels=np.zeros(len(files), dtype=np.int64),
+                        load=lambda i: _open_image(files[i]))
+
+
 def _open_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as img:
@@ -260,7 +277,15 @@ def model_config_for(dataset: ImageDataset, name: str, color_mode: str, input_si
         input=InputSpec(shape=(channels, input_size, input_size)),
         preprocessing=Preprocessing(color_mode=color_mode, resize=(input_size, input_size),
                                     mean=(0.5,) * channels, std=(0.5,) * channels, **ink),
-        labels=dataset.class_names, architecture=architecture).validate()
+        labels=dataset.class_names, architecture=architecture,
+        training_data=_absolute(dataset.source)).validate()
+
+
+def _absolute(spec: str) -> str:
+    """An image folder recorded in a config must still name it when read from another working directory."""
+    if spec.startswith(IMAGEFOLDER_PREFIX):
+        return IMAGEFOLDER_PREFIX + str(Path(spec[len(IMAGEFOLDER_PREFIX):]).resolve())
+    return spec
 
 
 def to_arrays(dataset: ImageDataset, indices: Sequence[int], cfg: ModelConfig) -> np.ndarray:

@@ -93,16 +93,22 @@ def _warp(pixels: np.ndarray, inverse: np.ndarray) -> np.ndarray:
 
 
 def measure(model_dirs: Sequence[Path], data_spec: str = "digits", split: str = "test",
-            batch_size: int = 256) -> RobustnessResult:
+            batch_size: int = 256, versions: Sequence[int | None] | None = None) -> RobustnessResult:
     """Accuracy of each model at every shift, scale and rotation; raises EvaluateError or DataError.
 
     All models must share one input shape and preprocessing (the first model's config prepares the images).
+    ``versions`` gives one version per model folder (None: its highest), so one model's float and int8
+    versions can be compared side by side.
     """
     import onnxruntime as ort
 
     if not model_dirs:
         raise evaluate.EvaluateError("robustness needs at least one model folder")
-    loaded = [_load(Path(d)) for d in model_dirs]
+    versions = list(versions) if versions is not None else [None] * len(model_dirs)
+    if len(versions) != len(model_dirs):
+        raise evaluate.EvaluateError(f"got {len(versions)} versions for {len(model_dirs)} model folders; "
+                                     "give one --version per --model-dir, or one for all")
+    loaded = [_load(Path(d), v) for d, v in zip(model_dirs, versions, strict=True)]
     cfg = loaded[0][0]
     for other, _, _ in loaded[1:]:
         if (other.input.shape, other.preprocessing) != (cfg.input.shape, cfg.preprocessing):
@@ -134,14 +140,15 @@ def measure(model_dirs: Sequence[Path], data_spec: str = "digits", split: str = 
         for v in grid:
             identity = v == (1.0 if kind == "scale" else 0)
             table[kind].append(accuracies(x if identity else transform(x, kind, v, mean, std)))
-    models = [ModelCurves(name=c.name, model_dir=str(d), architecture=c.architecture, parameters=params,
+    models = [ModelCurves(name=f"{c.name} v{path.parent.name}" if versions[i] is not None else c.name,
+                          model_dir=str(d), architecture=c.architecture, parameters=params,
                           accuracy={kind: [row[i] for row in table[kind]] for kind in KINDS})
-              for i, ((c, _, params), d) in enumerate(zip(loaded, model_dirs, strict=True))]
+              for i, ((c, path, params), d) in enumerate(zip(loaded, model_dirs, strict=True))]
     return RobustnessResult(data=dataset.source, split=split, images=len(indices), values=values,
                             models=models)
 
 
-def _load(model_dir: Path) -> tuple[Any, Path, int]:
+def _load(model_dir: Path, version: int | None = None) -> tuple[Any, Path, int]:
     import onnx
     from convserve.common.model_config import ModelConfigError, load_config
 
@@ -149,7 +156,7 @@ def _load(model_dir: Path) -> tuple[Any, Path, int]:
         cfg = load_config(model_dir)
     except ModelConfigError as exc:
         raise evaluate.EvaluateError(str(exc)) from None
-    _, path = evaluate.resolve_version(model_dir, None)
+    _, path = evaluate.resolve_version(model_dir, version)
     graph = onnx.load(str(path)).graph
     params = int(sum(np.prod(t.dims) for t in graph.initializer))
     return cfg, path, params

@@ -22,7 +22,12 @@ FORBIDDEN = {
 # The one known crossing, on purpose: training, evaluation and inspection run the server's own
 # preprocessing (image_to_array, decode_image and the InvalidInputError it raises) so that they see images
 # exactly as serving does (models/data.py, models/inspection.py). It loads lazily, inside functions.
+# The second, as deliberate: `convserve quantize` checks its int8 graph with the server's own load check,
+# the one `convserve import` runs (models/quantize.py).
 ALLOWED = {
+    "convserve.server.importer",
+    "convserve.server.importer.ImportModelError",
+    "convserve.server.importer.verify",
     "convserve.server.preprocess",
     "convserve.server.preprocess.image_to_array",
     "convserve.server.preprocess.decode_image",

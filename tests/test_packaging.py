@@ -41,6 +41,7 @@ def test_version_flag_prints_the_installed_version(tmp_path: Path) -> None:
         (["serve", "--model-repository", str(ROOT / "model_repository")], "onnxruntime", "server"),
         (["archs"], "torch", "train"),
         (["train", "--epochs", "1"], "torch", "train"),
+        (["quantize", str(ROOT / "model_repository" / "digits_lenet")], "onnx", "train"),
     ],
 )
 def test_a_missing_extra_is_one_line_naming_it(

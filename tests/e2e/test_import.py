@@ -152,3 +152,36 @@ def test_import_misuse_is_one_line_and_writes_nothing(tmp_path: Path, make_model
     assert again.returncode == 1 and "already exists; pass --force" in again.stderr
     assert _convserve("import", str(onnx_path), "--name", "m", "--repository", str(repo)).returncode == 0
     assert sorted(p.name for p in (repo / "m").iterdir()) == ["1", "2", "config.json"]
+
+
+def test_an_imported_resnet_quantizes_on_the_users_images(tmp_path: Path, run_reference: Any,
+                                                          encode_png: Any) -> None:
+    """Imported: no training data, so `quantize` calibrates on --calibration; --force because random weights
+    make the accuracy gate meaningless. The int8 version lands beside the import and runs every Conv/Gemm
+    in int8, its top-1 answers close to the float graph's on the same PNGs."""
+    import onnx
+    from convserve.cli import main
+    from convserve.server.model_config import load_config
+    from convserve.server.preprocess import decode_image
+
+    onnx_path = _export(tmp_path / "resnet.onnx")
+    repo = tmp_path / "repo"
+    assert _convserve("import", str(onnx_path), "--name", "resnet_tv", "--preprocess", "imagenet",
+                      "--repository", str(repo)).returncode == 0
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(24):
+        (pngs / f"{i}.png").write_bytes(encode_png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)))
+    assert main(["quantize", str(repo / "resnet_tv"), "--calibration", str(pngs), "--force"]) == 0
+
+    int8_path = repo / "resnet_tv" / "2" / "model.onnx"
+    graph = onnx.load(str(int8_path)).graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
+    cfg = load_config(repo / "resnet_tv")
+    assert cfg.quantized[0].float_nodes == () and cfg.quantized[0].from_version == 1
+    x = np.stack([decode_image(p.read_bytes(), cfg) for p in sorted(pngs.glob("*.png"))])
+    float_logits, int8_logits = run_reference(onnx_path, x), run_reference(int8_path, x)
+    # Random weights give near-ties, so compare the logits, not only the argmax: int8 error is small.
+    scale = np.abs(float_logits).max()
+    assert np.abs(int8_logits - float_logits).max() < 0.1 * scale

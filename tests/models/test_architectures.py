@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,6 +107,17 @@ def test_architecture_trains_a_step_and_exports_to_matching_onnx(name):
     assert {n.domain for n in graph.node} <= STANDARD_DOMAINS
     assert ("Conv" in {n.op_type for n in graph.node}) == arch.convolutional
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the batch dimension is symbolic
+
+    # `convserve quantize` makes every compute node int8 and the graph still runs (random calibration:
+    # the weights are random too, so this checks the graph, not accuracy; tests/models/test_quantize.py does).
+    from convserve.models.quantize import float_compute_nodes, quantize_graph
+
+    calib = np.random.default_rng(0).normal(size=(8, *shape)).astype(np.float32)
+    int8_bytes = quantize_graph(onnx_bytes, "input", calib)
+    assert float_compute_nodes(int8_bytes) == ()
+    session = ort.InferenceSession(int8_bytes, providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"input": calib[:3]})
+    assert out.shape == (3, 7) and np.isfinite(out).all()
 
 
 def test_summary_makes_the_seeds_point():
