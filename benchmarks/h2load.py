@@ -84,11 +84,12 @@ def frame(message: bytes) -> bytes:
     return b"\x00" + len(message).to_bytes(4, "big") + message
 
 
-def infer_request(model: str, shape: tuple[int, ...], batch: int, seed: int = 0) -> vpb.ModelInferRequest:
+def infer_request(model: str, shape: tuple[int, ...], batch: int, seed: int = 0,
+                  input_name: str = "input") -> vpb.ModelInferRequest:
     """A v2 ModelInfer of ``batch`` random FP32 images of ``shape`` (C, H, W)."""
     x = np.random.default_rng(seed).random((batch, *shape), dtype=np.float32)
     request = vpb.ModelInferRequest(model_name=model, id="h2load")
-    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.inputs.add(name=input_name, datatype="FP32", shape=list(x.shape))
     request.raw_input_contents.append(x.tobytes())
     return request
 
@@ -275,12 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     repository.mkdir(parents=True, exist_ok=True)
     model = models.RESNET if a.model == "resnet" else models.LENET
     (models.prepare_resnet if a.model == "resnet" else models.prepare_lenet)(repository)
-    shape = tuple(load_config(repository / model).input.shape)
+    spec = load_config(repository / model).input
+    shape = tuple(spec.shape)
     results: dict[tuple[str, int], list[Sample]] = {}
     with tempfile.TemporaryDirectory(prefix="convserve-h2load-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         body = work / "request.bin"
-        body.write_bytes(frame(infer_request(model, shape, a.batch).SerializeToString()))
+        request = infer_request(model, shape, a.batch, input_name=spec.name)
+        body.write_bytes(frame(request.SerializeToString()))
         targets = [stack.enter_context(start_convserve(n, flags, repository, work)) for n, flags in variants]
         targets += [stack.enter_context(start_baseline(n, models.model_file(repository, model), work))
                     for n in baselines]
