@@ -17,8 +17,8 @@ sleeping between runs), the inline ones with its inline session's (one thread, n
 configured worse than the thing it measures would flatter it.
 
 Each server counts its successful replies and serves the count as ``baseline_requests_total{code="OK"}``
-on ``/metrics`` (the port file's ``metrics_port``): a load generator that cannot read gRPC status (h2load)
-checks its successes there. With several processes the count is their sum.
+on ``/metrics`` (the port file's ``metrics_port``), one series per serving process: a load generator that
+cannot read gRPC status (h2load) checks its successes against their sum.
 
 ``python -m benchmarks.baseline_server --mode plain --model PATH/model.onnx --port-file FILE``
 """
@@ -56,7 +56,7 @@ COUNTER = "baseline_requests_total"
 
 class Successes:
     """Successful replies, one slot per process in shared memory (a process writes only its own slot,
-    so no lock), summed on read."""
+    so no lock); /metrics shows each process's count."""
 
     def __init__(self, processes: int) -> None:
         self.slots = multiprocessing.RawArray("q", processes)
@@ -64,9 +64,6 @@ class Successes:
 
     def add(self) -> None:
         self.slots[self.slot] += 1
-
-    def total(self) -> int:
-        return sum(self.slots)
 
 
 def session_options(mode: str) -> SessionOptions:
@@ -208,7 +205,9 @@ def serve_metrics(host: str, ok: Successes) -> int:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body = f'# TYPE {COUNTER} counter\n{COUNTER}{{code="OK"}} {ok.total()}\n'.encode()
+            lines = [f"# TYPE {COUNTER} counter"]
+            lines += [f'{COUNTER}{{code="OK",process="{i}"}} {n}' for i, n in enumerate(ok.slots)]
+            body = ("\n".join(lines) + "\n").encode()
             self.send_response(200 if self.path == "/metrics" else 404)
             self.send_header("Content-Type", "text/plain; version=0.0.4")
             self.send_header("Content-Length", str(len(body)))
