@@ -17,7 +17,7 @@ from .errors import DeadlineExpiredError, ModelNotReadyError
 from .metrics import Metrics
 from .model_check import warm_up
 from .model_config import ModelConfig
-from .session import OnnxSession, SessionOptions
+from .session import OnnxSession, SessionOptions, inline_options
 from .settings import Settings
 from .stats import ModelStats
 
@@ -167,7 +167,7 @@ class ServedModel:
     def load(self) -> None:
         """Create the session and batcher (blocking). On failure the version is FAILED with the reason."""
         s = self.settings
-        options = SessionOptions(s.intra_op_threads, s.inter_op_threads, s.graph_optimization_level)
+        options = SessionOptions.of(s)
         try:
             session = OnnxSession(self.path, self.cfg, self.providers, options)
             warm_up(session.run, self.cfg)  # serves only after real batches give [N, classes] finite values
@@ -192,9 +192,8 @@ class ServedModel:
             # intra-op threads costs more than such a model (measured: ~120 µs against ~40 µs for LeNet).
             try:
                 self.inline_session = OnnxSession(
-                    self.path, self.cfg, self.providers,
-                    SessionOptions(1, 1, s.graph_optimization_level),
-                )  # fmt: skip
+                    self.path, self.cfg, self.providers, inline_options(options)
+                )
                 # A fresh session's first runs are slow (allocation, caches): warm it before timing.
                 self.inline_run_s = _median_run_s(self.inline_session, self.cfg, runs=15, warm=10)[0]
             except Exception:  # the batcher path still serves; inline is only an optimisation

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .model_config import ModelConfig
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,36 @@ class SessionOptions:
     inter_op_threads: int = 0
     graph_optimization_level: str = "all"
     spin_during_runs: bool = False
+
+    @classmethod
+    def of(cls, settings: Settings) -> SessionOptions:
+        """The options a served model's main session starts from (spinning is decided per model)."""
+        return cls(settings.intra_op_threads, settings.inter_op_threads, settings.graph_optimization_level)
+
+
+def inline_options(options: SessionOptions) -> SessionOptions:
+    """The options of a cheap model's inline session: one thread each way, never spinning, because waking
+    ONNX Runtime's intra-op threads costs more than such a model (measured: ~120 µs against ~40 µs for
+    LeNet). The baselines take the same, so they run the model exactly as convserve does."""
+    return dataclasses.replace(options, intra_op_threads=1, inter_op_threads=1, spin_during_runs=False)
+
+
+def ort_options(options: SessionOptions) -> ort.SessionOptions:
+    """``options`` as ONNX Runtime's SessionOptions: the one place that turns our knobs into its settings,
+    shared by every session convserve creates and by the benchmark baselines."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = options.intra_op_threads
+    opts.inter_op_num_threads = options.inter_op_threads
+    opts.graph_optimization_level = _OPT_LEVELS[options.graph_optimization_level]
+    # Threads that spin after a run would burn the cores the event loop needs between requests
+    # (measured: ~25% more server CPU per LeNet request), so spinning, when on, stops as the last
+    # concurrent run returns (docs/DESIGN.md, "ONNX Runtime threads").
+    spin = "1" if options.spin_during_runs else "0"
+    opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    opts.add_session_config_entry("session.force_spinning_stop", spin)
+    opts.log_severity_level = 3  # ORT's own warnings are summarised by our one fallback warning
+    return opts
 
 
 def provider_list(requested: Sequence[str], available: Sequence[str] | None = None) -> list[str]:
@@ -104,18 +136,7 @@ class OnnxSession:
         self.path = Path(path)
         self.cfg = cfg
         self.spinning = options.spin_during_runs
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = options.intra_op_threads
-        opts.inter_op_num_threads = options.inter_op_threads
-        opts.graph_optimization_level = _OPT_LEVELS[options.graph_optimization_level]
-        # Threads that spin after a run would burn the cores the event loop needs between requests
-        # (measured: ~25% more server CPU per LeNet request), so spinning, when on, stops as the last
-        # concurrent run returns (docs/DESIGN.md, "ONNX Runtime threads").
-        spin = "1" if options.spin_during_runs else "0"
-        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
-        opts.add_session_config_entry("session.force_spinning_stop", spin)
-        opts.log_severity_level = 3  # ORT's own warnings are summarised by our one fallback warning
+        opts = ort_options(options)
         wanted = provider_list(providers)
         # Read the bytes ourselves: only a regular .onnx file is ever handed to ONNX Runtime.
         model_bytes = self.path.read_bytes()
