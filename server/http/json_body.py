@@ -20,6 +20,7 @@ __all__ = [
     "MAX_JSON_ARRAYS",
     "MAX_JSON_BYTES",
     "MAX_JSON_ELEMENTS",
+    "check_size",
     "loads",
     "tensor_elements",
 ]
@@ -50,18 +51,22 @@ _TYPE_NAMES = {bool: "boolean", str: "string", int: "integer", float: "non-integ
                type(None): "null", dict: "object", list: "array"}  # fmt: skip
 
 
+def check_size(size: int, where: str) -> None:
+    """RequestTooLargeError, naming the binary tensor extension, for JSON over ``MAX_JSON_BYTES``."""
+    if size > MAX_JSON_BYTES:
+        raise RequestTooLargeError(
+            f"{where}: {size} bytes of JSON, over the {MAX_JSON_BYTES} a JSON request may have; "
+            f"{_BINARY_HINT}"
+        )
+
+
 def loads(data: bytes | memoryview, where: str = "request body", expected: str = "JSON") -> Any:
     """Parse ``data`` as strict JSON within the bounds above.
 
     Raises RequestTooLargeError (naming the binary tensor extension) past a bound, InvalidInputError when
     the text is not JSON.
     """
-    size = len(data)
-    if size > MAX_JSON_BYTES:
-        raise RequestTooLargeError(
-            f"{where}: {size} bytes of JSON, over the {MAX_JSON_BYTES} a JSON request may have; "
-            f"{_BINARY_HINT}"
-        )
+    check_size(len(data), where)
     raw = bytes(data) if isinstance(data, memoryview) else data
     # Upper bounds counted in C (strings may hold these bytes too): parsing cost follows them.
     arrays = raw.count(b"[")

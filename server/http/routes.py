@@ -48,6 +48,7 @@ class Routes:
         self.core = core
         self.health = health
         self.max_body = max_body
+        self._big_parse = asyncio.Lock()
 
     def add_to(self, app: web.Application) -> None:
         """Register the routes; /v2/models/stats comes before /v2/models/{model} so it is not a name."""
@@ -162,13 +163,18 @@ class Routes:
         version = parse_version(_version(request), "version")
         # An unknown model is reported as such (404) before a malformed body is (400), as over gRPC.
         self.core.repository.entry(name)
-        data = await self._body(request)
         header_length = request.headers.get(HEADER_LENGTH)
+        if header_length is None:  # all of it is JSON: refused by its declared length, before reading it
+            json_body.check_size(request.content_length or 0, "request body")
+        data = await self._body(request)
         if len(data) <= INLINE_PARSE_BYTES:
             body = parse_body(data, header_length)
         else:
-            loop = asyncio.get_running_loop()
-            body = await loop.run_in_executor(self.core.pool, parse_body, data, header_length)
+            # One big parse at a time: a JSON parse holds the GIL throughout, so two at once would leave
+            # the event loop (and every health probe) waiting behind both.
+            async with self._big_parse:
+                loop = asyncio.get_running_loop()
+                body = await loop.run_in_executor(self.core.pool, parse_body, data, header_length)
         binary = binary_output_names(body)
         request_id = echo_request_id(body.id, "id")
         reply, json_length = await self.core.infer(
