@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # Re-install when the dependency list changes.
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: serve test test-deploy venv system-deps protos lint bench train stack clean
+.PHONY: serve test test-deploy venv kserve-venv system-deps protos lint bench train stack clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,17 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# KServe's own clients for tests/e2e/test_kserve_clients.py, in a venv of their own (their pins clash with
+# tritonclient's); rebuilt when the pin file changes.
+KSERVE_STAMP := .venv-kserve/.installed-$(shell cksum scripts/kserve-requirements.txt | cut -d' ' -f1)
+$(KSERVE_STAMP): scripts/kserve-requirements.txt
+	test -x .venv-kserve/bin/python || $(PYTHON) -m venv .venv-kserve
+	.venv-kserve/bin/python -m pip install -q -r scripts/kserve-requirements.txt
+	rm -f .venv-kserve/.installed-*
+	touch $@
+
+kserve-venv: $(KSERVE_STAMP)
+
 serve: venv
 	$(BIN)/convserve serve
 
@@ -25,7 +36,7 @@ system-deps:
 	bash scripts/install_system_deps.sh
 
 # Last step: the SDK tests again in a venv holding the LOWEST grpcio/protobuf/numpy/health-checking declared.
-test: venv system-deps
+test: venv kserve-venv system-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 	$(BIN)/python scripts/check_dependency_floor.py
@@ -63,4 +74,4 @@ stack: venv system-deps
 	$(BIN)/python scripts/run_stack.py
 
 clean:
-	rm -rf $(VENV) .venv-protoc .venv-floor .pytest_cache .ruff_cache .hypothesis runs bench_results
+	rm -rf $(VENV) .venv-protoc .venv-floor .venv-kserve .pytest_cache .ruff_cache .hypothesis runs bench_results

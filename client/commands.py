@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ def add_commands(subparsers: Any) -> None:
         "models", parents=[connection], help="list the models a running server holds",
         description="List every model on a running server with its versions, states, input and provider.")
     p.add_argument("--json", action="store_true", help="print one JSON object per model")
+    p.add_argument("--wide", action="store_true",
+                   help="print failure reasons whole (by default they are cut to the terminal's width)")
     p.set_defaults(func=_models)
 
     p = subparsers.add_parser(
@@ -161,7 +164,10 @@ def _models(args: argparse.Namespace) -> int:
             state = f"{v.state} ({v.reason})" if v.reason else v.state
             table.append((info.name, str(v.version), state, v.execution_provider or "-",
                           "-" if meta is None else str(meta.input)))
-    _print_table(("MODEL", "VERSION", "STATE", "PROVIDER", "INPUT"), table)
+    header = ("MODEL", "VERSION", "STATE", "PROVIDER", "INPUT")
+    if not args.wide:
+        table = _fit_column(header, table, header.index("STATE"), shutil.get_terminal_size().columns)
+    _print_table(header, table)
     return 0
 
 
@@ -179,6 +185,20 @@ def _health(args: argparse.Namespace) -> int:
         raise CommandError(f"server {client.target} is {status}")
     print(status)
     return 0
+
+
+def _fit_column(
+    header: Sequence[str], rows: list[tuple[str, ...]], col: int, width: int
+) -> list[tuple[str, ...]]:
+    """Cut column ``col`` (a failure reason runs to hundreds of characters) so rows fit ``width``; the
+    column keeps at least its header's width plus a little, so a narrow terminal still shows the state."""
+    others = sum(max(len(r[i]) for r in (header, *rows)) + 2 for i in range(len(header)) if i != col)
+    room = max(width - others, len(header[col]) + 12)
+    return [(*r[:col], _cut(r[col], room), *r[col + 1:]) for r in rows]
+
+
+def _cut(text: str, room: int) -> str:
+    return text if len(text) <= room else text[: room - 1] + "…"
 
 
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:

@@ -19,10 +19,11 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
-from .errors import truncate
+from .errors import InvalidInputError, truncate
 
 __all__ = [
     "ACCESS_LOGGER",
+    "MAX_CLIENT_ID_CHARS",
     "NATIVE_LOGGER",
     "REQUESTS_LOGGER",
     "REQUEST_ID_KEY",
@@ -32,6 +33,7 @@ __all__ = [
     "access_log_enabled",
     "configure_logging",
     "echo_request_id",
+    "error_reply_id",
     "flush_suppressed",
     "log_access",
     "log_failed_request",
@@ -48,6 +50,8 @@ ACCESS_LOGGER = "convserve.access"
 # A client-chosen id is echoed into logs and metadata, so only short printable tokens are accepted.
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 _HANDLER_MARK = "_convserve_handler"
+# The longest client-chosen body id (v1 ``request_id``, v2 ``id``) echoed back; longer ones are refused.
+MAX_CLIENT_ID_CHARS = 1024
 
 # Bounds on one log line, in UTF-8 bytes. Request-derived text (a model name, an error quoting a tensor
 # name) can be megabytes; a line names the problem in far less. Each string value (the message, each
@@ -83,12 +87,22 @@ def request_id_from_metadata(metadata: Iterable[tuple[str, Any]] | None) -> str:
     return new_request_id()
 
 
-def echo_request_id(given: str, fallback: str) -> str:
-    """The correlation id a reply echoes: the client's own (a request body's ``request_id`` / ``id``) when
-    it is a sane token, ``fallback`` (the call's request id) when it is not; "" stays ""."""
-    if not given or _REQUEST_ID_RE.fullmatch(given):
-        return given
-    return fallback
+def echo_request_id(given: str, where: str) -> str:
+    """The client's own correlation id (a body's ``request_id`` / ``id``), echoed exactly as sent: clients
+    match replies, stream replies above all, by the id they chose. Longer than ``MAX_CLIENT_ID_CHARS`` is
+    refused naming ``where`` (InvalidInputError), never swapped. It is not logged: logs and
+    ``x-request-id`` carry the call's request id, a sanitised token."""
+    if len(given) > MAX_CLIENT_ID_CHARS:
+        raise InvalidInputError(
+            f"{where}: expected at most {MAX_CLIENT_ID_CHARS} characters, got {len(given)}"
+        )
+    return given
+
+
+def error_reply_id(given: str) -> str:
+    """The id a stream's error reply carries: the client's exactly, or "" when it was too long to accept
+    (the error then says so)."""
+    return given if len(given) <= MAX_CLIENT_ID_CHARS else ""
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -351,6 +365,10 @@ _ORT_LEVELS = {"V": logging.DEBUG, "I": logging.INFO, "W": logging.WARNING, "E":
 # gRPC core (absl/glog style): `E1126 14:36:42.955636    123 file.cc:42] msg`.
 _GLOG_LINE = re.compile(r"^(?P<sev>[IWEF])\d{4} [\d:.]+\s+\d+ (?P<where>[^\]]+)\] (?P<msg>.*)$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# gRPC core lines that a normal shutdown causes, logged at DEBUG: the drain shuts the gRPC listener down
+# itself (sockets.shut_down_port, so new connections are refused at once), and the accept grpc had
+# pending on it then fails with "Closing acceptor. Failed accept4: Invalid argument".
+_EXPECTED_GRPC_LINES = ("Closing acceptor. Failed accept4",)
 # ONNX Runtime's own severity (0 verbose .. 4 fatal) for the server's log level: its INFO is a wall of
 # graph-optimizer lines, so it speaks at INFO only when the server logs DEBUG.
 _ORT_SEVERITY = {"DEBUG": 1, "INFO": 2, "WARNING": 2, "ERROR": 3, "CRITICAL": 4}
@@ -363,7 +381,9 @@ def native_record(line: str) -> tuple[int, str, dict[str, Any]]:
         fields = {"source": "onnxruntime", "where": (m["where"] or m["logid"]).strip()}
         return _ORT_LEVELS[m["sev"]], m["msg"], fields
     if m := _GLOG_LINE.match(line):
-        return _ORT_LEVELS[m["sev"]], m["msg"], {"source": "grpc", "where": m["where"].strip()}
+        msg = m["msg"]
+        level = logging.DEBUG if msg.startswith(_EXPECTED_GRPC_LINES) else _ORT_LEVELS[m["sev"]]
+        return level, msg, {"source": "grpc", "where": m["where"].strip()}
     return logging.WARNING, line, {"source": "stderr"}
 
 

@@ -23,6 +23,7 @@ from ..errors import InvalidInputError
 from ..inference import EncodedImage, InferenceResult, Input, RequestedOutput, TensorInput
 from ..model_config import ModelConfig
 from ..v2_tensors import classification_strings, deserialize_bytes, serialize_bytes
+from . import json_body
 
 __all__ = [
     "HEADER_LENGTH",
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+UINT64_MAX = 2**64 - 1
 CLASSIFICATION = "classification"
 
 
@@ -64,10 +66,6 @@ class InferBody:
         timeout = self.parameters.get("timeout")
         if timeout is None:
             return None
-        if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
-            raise InvalidInputError(
-                f"parameters.timeout: expected a non-negative integer of microseconds, got {timeout!r}"
-            )
         return (time.monotonic() if now is None else now) + timeout / 1e6
 
     def binary_outputs(self) -> bool:
@@ -90,17 +88,13 @@ def parse_body(body: bytes, header_length: str | None) -> InferBody:
                 f"{HEADER_LENGTH}: expected the JSON header's length in bytes, 0..{len(view)} "
                 f"(the body's size), got {header_length!r}"
             )
-    try:
-        header = json.loads(body if split == len(view) else bytes(view[:split]))
-    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
-        raise InvalidInputError(
-            f"request body: expected a JSON inference request, got text that does not parse ({exc})"
-        ) from None
+    where = "request body" if header_length is None else "JSON header"
+    header = json_body.loads(view[:split], where, "a JSON inference request")
     if not isinstance(header, dict):
         raise InvalidInputError(
             f"request body: expected a JSON object with 'inputs', got a {type(header).__name__}"
         )
-    params = _object(header.get("parameters", {}), "parameters")
+    params = _parameters(_object(header.get("parameters", {}), "parameters"))
     request_id = header.get("id", "")
     if not isinstance(request_id, str):
         raise InvalidInputError(f"id: expected a string, got {type(request_id).__name__}")
@@ -124,6 +118,40 @@ def parse_body(body: bytes, header_length: str | None) -> InferBody:
         raise InvalidInputError("outputs: expected a list of requested outputs")
     outputs = tuple(_object(o, f"outputs[{i}]") for i, o in enumerate(raw_outputs))
     return InferBody(request_id, params, tuple(inputs), outputs)
+
+
+# Request parameters Triton defines, with the types it reads them as: checked even where convserve does not
+# act on them (priority, sequences), so a value Triton would refuse is refused here too.
+_UINT64 = "an integer in 0..2**64-1"
+_BOOL = "true or false"
+_REQUEST_PARAMETERS = {
+    "timeout": "an integer of microseconds in 0..2**64-1",
+    "priority": _UINT64,
+    "classification": "an integer class count",
+    "sequence_id": f"{_UINT64} or a string",
+    "sequence_start": _BOOL,
+    "sequence_end": _BOOL,
+    "binary_data_output": _BOOL,
+}
+
+
+def _is_uint64(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= UINT64_MAX
+
+
+def _parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """The request's parameters, each one Triton defines checked against its type and range."""
+    for key, value in params.items():
+        expected = _REQUEST_PARAMETERS.get(key)
+        if expected is None:
+            continue
+        if expected == _BOOL:
+            ok = type(value) is bool
+        else:
+            ok = _is_uint64(value) or (key == "sequence_id" and type(value) is str)
+        if not ok:
+            raise InvalidInputError(f"parameters.{key}: expected {expected}, got {value!r}"[:300])
+    return params
 
 
 def _object(value: Any, where: str) -> dict[str, Any]:
@@ -156,7 +184,7 @@ def _tensor(raw: dict[str, Any], i: int, binary: memoryview) -> tuple[Tensor, in
     params = _object(raw.get("parameters", {}), f"{where}.parameters")
     size = params.get("binary_data_size")
     if size is not None:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        if not _is_uint64(size):
             raise InvalidInputError(
                 f"{where}.parameters.binary_data_size: expected a byte count, got {size!r}"
             )
@@ -180,39 +208,20 @@ def _json_data(data: Any, datatype: str, shape: list[int], where: str) -> bytes 
     """A JSON ``data`` array (flat or nested, row-major) as raw FP32 bytes or BYTES elements."""
     if not isinstance(data, list):
         raise InvalidInputError(f"{where}.data: expected a JSON array, got {type(data).__name__}")
+    items = json_body.tensor_elements(data, datatype, where)
     if datatype == "BYTES":
-        items = _flatten(data)
-        if not all(isinstance(s, str) for s in items):
-            raise InvalidInputError(f"{where}.data: BYTES elements in JSON must be strings")
         return [s.encode() for s in items]
     if datatype != "FP32":
         return b""  # the datatype is refused with the model's expectations once the model is known
-    try:
-        arr = np.asarray(data, dtype="<f4")
-    except (TypeError, ValueError) as exc:
-        raise InvalidInputError(
-            f"{where}.data: expected numbers (flat or nested to the shape), got values that are not ({exc})"
-        ) from None
+    with np.errstate(over="ignore"):  # a value past FP32's range becomes inf, refused below
+        arr = np.array(items, dtype="<f4")
     if arr.size != math.prod(shape):
         raise InvalidInputError(
             f"{where}.data: shape {shape} needs {math.prod(shape)} values, got {arr.size}"
         )
+    if not np.isfinite(arr).all():
+        raise InvalidInputError(f"{where}.data: expected FP32 values, got numbers beyond FP32's range")
     return arr.tobytes()
-
-
-def _flatten(items: list[Any]) -> list[Any]:
-    """Nested lists → their leaves in row-major order (iterative: nesting depth costs no stack)."""
-    out: list[Any] = []
-    stack = [iter(items)]
-    while stack:
-        for item in stack[-1]:
-            if isinstance(item, list):
-                stack.append(iter(item))
-                break
-            out.append(item)
-        else:
-            stack.pop()
-    return out
 
 
 # ---- against the model ------------------------------------------------------------------------------------

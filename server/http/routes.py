@@ -9,7 +9,6 @@ its reply as Triton's JSON (``messages``): the REST and gRPC answers cannot drif
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from aiohttp import web
@@ -23,6 +22,7 @@ from ..logging_setup import echo_request_id
 from ..repository import parse_version
 from ..services.inference_v2 import InferenceService
 from ..services.triton_extensions import not_served
+from . import json_body
 from .codec import HEADER_LENGTH, binary_output_names, encode_reply, inputs_of, outputs_of, parse_body
 from .edge import json_error, json_response
 from .messages import message_json
@@ -48,6 +48,7 @@ class Routes:
         self.core = core
         self.health = health
         self.max_body = max_body
+        self._big_parse = asyncio.Lock()
 
     def add_to(self, app: web.Application) -> None:
         """Register the routes; /v2/models/stats comes before /v2/models/{model} so it is not a name."""
@@ -92,21 +93,23 @@ class Routes:
     # ---- health and metadata ------------------------------------------------------------------------
 
     async def live(self, request: web.Request) -> web.Response:
-        return web.Response(status=200)
+        return json_response({"live": True})
 
     async def ready(self, request: web.Request) -> web.Response:
         """200 once models are loaded; 503 before that and for good once draining (probes, no log line)."""
         if self.health.serving:
-            return web.Response(status=200)
+            return json_response({"ready": True})
         why = "shutting down" if self.health.draining else "no model version is ready yet (loading or failed)"
         return json_error(503, f"server is not ready: {why}")
 
     async def model_ready(self, request: web.Request) -> web.Response:
+        """200 ``{"name", "ready": true}``; 400 naming why when not ready, unknown models and versions
+        included (the protocol's 4xx for false, as Triton answers)."""
         name = _model(request)
-        reply = await self.v2.ModelReady(pb.ModelReadyRequest(name=name, version=_version(request)), None)
-        if reply.ready:
-            return web.Response(status=200)
-        return json_error(503, f"model {name!r} is not ready")
+        why = self.v2.not_ready_reason(name, _version(request))
+        if why is None:
+            return json_response({"name": name, "ready": True})
+        return json_error(400, f"model {name!r} is not ready: {why}")
 
     async def server_metadata(self, request: web.Request) -> web.Response:
         reply = await self.v2.ServerMetadata(pb.ServerMetadataRequest(), None)
@@ -160,14 +163,20 @@ class Routes:
         version = parse_version(_version(request), "version")
         # An unknown model is reported as such (404) before a malformed body is (400), as over gRPC.
         self.core.repository.entry(name)
-        data = await self._body(request)
         header_length = request.headers.get(HEADER_LENGTH)
+        if header_length is None:  # all of it is JSON: refused by its declared length, before reading it
+            json_body.check_size(request.content_length or 0, "request body")
+        data = await self._body(request)
         if len(data) <= INLINE_PARSE_BYTES:
             body = parse_body(data, header_length)
         else:
-            loop = asyncio.get_running_loop()
-            body = await loop.run_in_executor(self.core.pool, parse_body, data, header_length)
+            # One big parse at a time: a JSON parse holds the GIL throughout, so two at once would leave
+            # the event loop (and every health probe) waiting behind both.
+            async with self._big_parse:
+                loop = asyncio.get_running_loop()
+                body = await loop.run_in_executor(self.core.pool, parse_body, data, header_length)
         binary = binary_output_names(body)
+        request_id = echo_request_id(body.id, "id")
         reply, json_length = await self.core.infer(
             InferenceRequest(
                 model=name,
@@ -179,7 +188,7 @@ class Routes:
                 api=API,
                 trace=call,
             ),
-            lambda result: encode_reply(result, echo_request_id(body.id, call.request_id), binary),
+            lambda result: encode_reply(result, request_id, binary),
         )
         if json_length is None:
             return web.Response(body=reply, content_type="application/json")
@@ -206,12 +215,7 @@ class Routes:
         data = await self._body(request)
         if not data.strip():
             return {}
-        try:
-            obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidInputError(
-                f"request body: expected a JSON object, got text that does not parse ({exc})"
-            ) from None
+        obj = json_body.loads(data, expected="a JSON object")
         if not isinstance(obj, dict):
             raise InvalidInputError(f"request body: expected a JSON object, got a {type(obj).__name__}")
         return obj

@@ -22,7 +22,7 @@ from ..inference import (
     TensorInput,
 )
 from ..interceptors import current_call
-from ..logging_setup import echo_request_id
+from ..logging_setup import echo_request_id, error_reply_id
 from ..metrics import Metrics
 from ..model_config import ModelConfig
 from ..repository import ModelEntry, ModelRepository
@@ -85,8 +85,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             return pb.ClassifyStreamResponse(
                 error_code=code.value[0],
                 error_message=message,
-                request_id=echo_request_id(getattr(request, "request_id", ""), call.request_id)
-                or call.request_id,
+                request_id=error_reply_id(getattr(request, "request_id", "")) or call.request_id,
             )
 
         async with contextlib.aclosing(
@@ -100,7 +99,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     ) -> pb.ClassifyResponse:
         call = current_call()
         call.model = request.model
-        request_id = echo_request_id(request.request_id, call.request_id) or call.request_id
+        request_id = echo_request_id(request.request_id, "request_id") or call.request_id
 
         def encode(result: InferenceResult) -> pb.ClassifyResponse:
             out, labels = result.outputs[0], result.labels

@@ -20,7 +20,7 @@ import numpy as np
 from convserve.protos.inference import grpc_service_pb2 as pb
 from convserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
-from ..errors import InvalidInputError, ModelNotReadyError, status_message
+from ..errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError, status_message
 from ..health import Health
 from ..inference import (
     Backpressure,
@@ -33,7 +33,7 @@ from ..inference import (
     TensorInput,
 )
 from ..interceptors import current_call
-from ..logging_setup import echo_request_id
+from ..logging_setup import echo_request_id, error_reply_id
 from ..metrics import Metrics
 from ..model_config import ModelConfig
 from ..repository import ModelRepository, parse_version
@@ -93,14 +93,20 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
-        entry = self.repository.entry(request.name, "name")
-        version = parse_version(request.version, "version")
-        if version:
-            sm = entry.versions.get(version)
-            ready = sm is not None and sm.ready
-        else:
-            ready = entry.latest_ready() is not None
-        return pb.ModelReadyResponse(ready=ready and not self.health.draining)
+        return pb.ModelReadyResponse(ready=self.not_ready_reason(request.name, request.version) is None)
+
+    def not_ready_reason(self, name: str, version_text: str) -> str | None:
+        """Why the model (version) cannot serve now, or None when it can.
+
+        An unknown model or version is not ready rather than an error, as Triton answers, so readiness
+        probes get ``ready: false``; a malformed name or version still raises InvalidInputError.
+        """
+        version = parse_version(version_text, "version")
+        try:
+            self.repository.resolve(name, version, "name")
+        except (ModelNotFoundError, ModelNotReadyError) as exc:
+            return str(exc)
+        return "the server is shutting down" if self.health.draining else None
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
@@ -152,7 +158,7 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
                 error_message=status_message(f"{code.name}: {message}"),
                 infer_response=pb.ModelInferResponse(
                     model_name=status_message(getattr(request, "model_name", "")),
-                    id=echo_request_id(getattr(request, "id", ""), current_call().request_id),
+                    id=error_reply_id(getattr(request, "id", "")),
                 ),
             )
 
@@ -167,6 +173,7 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         call = current_call()
         call.model = request.model_name
+        request_id = echo_request_id(request.id, "id")
         return await self.core.infer(
             InferenceRequest(
                 model=request.model_name,
@@ -180,7 +187,7 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
                 trace=call,
                 backpressure=valve,
             ),
-            lambda result: _reply(result, echo_request_id(request.id, call.request_id)),
+            lambda result: _reply(result, request_id),
         )
 
 

@@ -76,6 +76,23 @@ def test_models_lists_versions_inputs_and_providers(server: Any, capsys: pytest.
     assert records[GRAY]["input"]["shape"] == [1, 8, 8] and len(records[GRAY]["labels"]) == 4
 
 
+def test_models_cuts_failure_reasons_to_the_terminal_and_wide_shows_them_whole(
+    server: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out, _ = run(capsys, "models", "--server", server.address, "--json")
+    reason = next(
+        v["reason"] for r in map(json.loads, out.strip().splitlines()) for v in r["versions"] if v["reason"]
+    )
+    assert len(reason) > 100  # an ONNX Runtime error: the case the cut exists for
+    monkeypatch.setenv("COLUMNS", "100")
+    code, out, _ = run(capsys, "models", "--server", server.address)
+    assert code == 0 and all(len(line) <= 100 for line in out.splitlines()), out
+    failed = next(line for line in out.splitlines() if "failed" in line)
+    assert "…" in failed and reason not in out
+    code, out, _ = run(capsys, "models", "--server", server.address, "--wide")
+    assert code == 0 and reason in out
+
+
 def test_health_exit_status(server: Any, refused_address: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(capsys, "health", "--server", server.address)[:2] == (0, "SERVING\n")
     code, out, err = run(capsys, "health", "--server", refused_address, "--timeout", "2")

@@ -52,7 +52,7 @@ def test_curl_examples(bundled: Any, tmp_path: Path, run_reference: Any) -> None
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0] == "ready"
+    assert json.loads(lines[0]) == {"ready": True}
     metadata, config, logits, classes, stats = (json.loads(line) for line in lines[1:])
 
     cfg = json.loads((BUNDLED / "digits_lenet" / "config.json").read_text())

@@ -50,17 +50,29 @@ def _assert_still_serving(rest: str, model_repository: Path, run_reference: Any)
 # ---- health and metadata ------------------------------------------------------------------------------
 
 
-def test_health_answers_200_and_not_ready_models_503(rest: str) -> None:
-    assert get(f"{rest}/v2/health/live").status == 200
-    assert get(f"{rest}/v2/health/ready").status == 200
-    assert get(f"{rest}/v2/models/gray/ready").status == 200
-    assert get(f"{rest}/v2/models/gray/versions/1/ready").status == 200
+def test_health_and_readiness_answer_json_bodies_and_400_when_a_model_is_not_ready(rest: str) -> None:
+    # The Open Inference Protocol's bodies, as KServe's REST client reads them; 4xx means "not ready".
+    for path, body in (
+        ("/v2/health/live", {"live": True}),
+        ("/v2/health/ready", {"ready": True}),
+        ("/v2/models/gray/ready", {"name": "gray", "ready": True}),
+        ("/v2/models/gray/versions/1/ready", {"name": "gray", "ready": True}),
+    ):
+        reply = get(f"{rest}{path}")
+        assert reply.status == 200 and reply.json() == body, (path, reply.body)
+        assert reply.headers["Content-Type"].startswith("application/json")
     failed = get(f"{rest}/v2/models/mismatch/ready")
-    assert failed.status == 503 and "mismatch" in failed.error
+    assert failed.status == 400 and "model 'mismatch' is not ready" in failed.error
     retired = get(f"{rest}/v2/models/latest/versions/1/ready")  # on disk, not served (latest 1 policy)
-    assert retired.status == 503
+    assert retired.status == 400 and "no version 1" in retired.error
+    # Unknown models and versions are "not ready" too (Triton's answer), not 404.
     unknown = get(f"{rest}/v2/models/nope/ready")
-    assert unknown.status == 404 and "no model named 'nope'" in unknown.error
+    assert unknown.status == 400 and "no model named 'nope'" in unknown.error
+    missing = get(f"{rest}/v2/models/gray/versions/7/ready")
+    assert missing.status == 400 and "no version 7" in missing.error
+    assert set(missing.json()) == {"error"}
+    malformed = get(f"{rest}/v2/models/gray/versions/x/ready")
+    assert malformed.status == 400 and "expected a positive integer version" in malformed.error
 
 
 def test_server_and_model_metadata_match_the_grpc_answers(rest: str, v2: Any) -> None:
@@ -231,7 +243,34 @@ BAD = [
     ("not numbers", "gray", _one([1, 1, 8, 8], ["a"] * 64), {}, 400, "expected numbers"),
     ("wrong datatype", "gray", _one([1, 1, 8, 8], [0] * 64, datatype="INT64"), {}, 400,
      "datatype: expected FP32 (a [N, C, H, W] tensor) or BYTES"),
-    ("NaN", "gray", _one([1, 1, 8, 8], [float("nan")] * 64), {}, 400, "NaN or Inf"),
+    ("NaN", "gray", _one([1, 1, 8, 8], [float("nan")] * 64), {}, 400, "NaN and Infinity are not JSON"),
+    # JSON types are strict: the elements' JSON type must be the datatype's, as Triton reads them.
+    ("strings as FP32", "gray", _one([1, 1, 8, 8], ["0.5"] * 64), {}, 400,
+     "inputs['input'].data: expected numbers for FP32, got strings"),
+    ("booleans as FP32", "gray", _one([1, 1, 8, 8], [True] * 64), {}, 400,
+     "expected numbers for FP32, got booleans"),
+    ("a boolean among numbers", "gray", _one([1, 1, 8, 8], [0.5] * 63 + [False]), {}, 400,
+     "expected numbers for FP32, got booleans"),
+    ("nulls as FP32", "gray", _one([1, 1, 8, 8], [None] * 64), {}, 400, "got nulls"),
+    ("arrays mixed with values", "gray", _one([1, 1, 8, 8], [[0.0] * 32, *[0.0] * 32]), {}, 400,
+     "expected an array nested evenly to the shape"),
+    ("numbers as BYTES", "gray", _one([1], [1], datatype="BYTES"), {}, 400,
+     "expected strings for BYTES, got integers"),
+    ("FP32 past its range", "gray", _one([1, 1, 8, 8], [1e39] * 64), {}, 400, "beyond FP32's range"),
+    ("timeout past uint64", "gray", _one([1, 1, 8, 8], _ZEROS, parameters={"timeout": 2**64}), {}, 400,
+     "parameters.timeout: expected an integer of microseconds in 0..2**64-1, got 1.8446744073709552e+19"),
+    ("negative timeout", "gray", _one([1, 1, 8, 8], _ZEROS, parameters={"timeout": -1}), {}, 400,
+     "parameters.timeout: expected an integer of microseconds"),
+    ("fractional timeout", "gray", _one([1, 1, 8, 8], _ZEROS, parameters={"timeout": 1.5}), {}, 400,
+     "parameters.timeout: expected an integer of microseconds"),
+    ("string priority", "gray", _one([1, 1, 8, 8], _ZEROS, parameters={"priority": "high"}), {}, 400,
+     "parameters.priority: expected an integer in 0..2**64-1, got 'high'"),
+    ("binary_data_output not a boolean", "gray",
+     _one([1, 1, 8, 8], _ZEROS, parameters={"binary_data_output": "yes"}), {}, 400,
+     "parameters.binary_data_output: expected true or false, got 'yes'"),
+    ("sequence_start not a boolean", "gray",
+     _one([1, 1, 8, 8], _ZEROS, parameters={"sequence_start": 1}), {}, 400,
+     "parameters.sequence_start: expected true or false, got 1"),
     ("header length past the body", "gray", b"{}", {HEADER_LENGTH: "99"}, 400,
      "Inference-Header-Content-Length: expected the JSON header's length in bytes, 0..2"),
     ("binary size past the data", "gray", _BINARY_256 + b"\0" * 10,
@@ -306,7 +345,8 @@ def test_draining_reads_not_ready_and_refuses_new_work_with_503(server_factory: 
     assert get(f"{rest}/v2/health/live").status == 200
     ready = get(f"{rest}/v2/health/ready")
     assert ready.status == 503 and "shutting down" in ready.error
-    assert get(f"{rest}/v2/models/gray/ready").status == 503
+    draining = get(f"{rest}/v2/models/gray/ready")
+    assert draining.status == 400 and "shutting down" in draining.error
     refused = post_json(f"{rest}/v2/models/gray/infer", {"inputs": [_json_input(_batch(1, 12))]})
     assert refused.status == 503 and "shutting down" in refused.error
 
@@ -329,11 +369,16 @@ def test_rest_answers_before_models_load_and_reads_not_ready_until_then(server_f
     assert post_json(f"{rest}/v2/models/gray/infer", {"inputs": [_json_input(_batch(1, 13))]}).status == 200
 
 
-def test_a_long_or_odd_request_id_is_not_echoed(rest: str) -> None:
-    """As over gRPC: the reply's ``id`` is the client's only when it is a sane token, else the call's id."""
-    body = {"id": "x" * 10_000, "inputs": [_json_input(_batch(1, 14))]}
-    reply = post_json(f"{rest}/v2/models/gray/infer", body)
-    assert reply.status == 200 and reply.json()["id"] == reply.headers["x-request-id"]
+def test_request_ids_come_back_exactly_and_a_too_long_one_is_refused_by_name(rest: str) -> None:
+    """Clients match replies by the id they chose: any id within the bound comes back as sent; the
+    ``x-request-id`` header (and the logs) keep the server's own sanitised token."""
+    for rid in ("my request #1", "{3f2a}", "a b", "ünïcode ✓", "x" * 1024):
+        reply = post_json(f"{rest}/v2/models/gray/infer", {"id": rid, "inputs": [_json_input(_batch(1, 14))]})
+        assert reply.status == 200 and reply.json()["id"] == rid, reply.body[:200]
+        assert reply.headers["x-request-id"] != rid and len(reply.headers["x-request-id"]) == 32
+    body = {"id": "x" * 1025, "inputs": [_json_input(_batch(1, 14))]}
+    refused = post_json(f"{rest}/v2/models/gray/infer", body)
+    assert refused.status == 400 and refused.error == "id: expected at most 1024 characters, got 1025"
 
 
 def _executions(rest: str, model: str) -> int:

@@ -158,8 +158,38 @@ def test_a_client_that_goes_away_cancels_its_work(server_factory: Any) -> None:
     assert post_json(f"{handle.http_url}/v2/models/gray/infer", ZERO).status == 200
 
 
-def test_absurdly_nested_json_is_400(rest: str) -> None:
-    body = b"[" * 200_000 + b"]" * 200_000  # deeper than the JSON parser recurses
+def test_absurdly_nested_json_is_refused_before_it_is_parsed(rest: str) -> None:
+    body = b"[" * 200_000 + b"]" * 200_000
     reply = call("POST", f"{rest}/v2/models/gray/infer", body)
+    assert reply.status == 413 and "up to 200000 JSON arrays" in reply.error, reply.body
+    deep = b"[" * 2_000 + b"]" * 2_000  # within the array bound, deeper than the parser goes
+    reply = call("POST", f"{rest}/v2/models/gray/infer", deep)
     assert reply.status == 400 and "does not parse" in reply.error, reply.body
+    assert post_json(f"{rest}/v2/models/gray/infer", ZERO).status == 200
+
+
+def _tensor_body(data: bytes, shape: list[int]) -> bytes:
+    head = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": shape, "data": []}]})
+    return head.replace('"data": []', '"data": [' + data.decode() + "]").encode()
+
+
+# The bodies that stalled the server: millions of numbers or of small arrays. Each is refused by a byte
+# count before a parser sees it, and the refusal names the binary tensor extension (the way to send big
+# tensors); the limits themselves are MAX_JSON_* in server/http/json_body.py.
+JSON_FLOODS = [
+    ("5 MB of numbers", b",".join([b"0.5"] * 1_300_000), [1_300_000], "bytes of JSON, over the 4194304"),
+    ("2 M numbers", b",".join([b"0"] * 2_000_000), [2_000_000], "JSON values (',' separated), over"),
+    ("500 k arrays", b",".join([b"[0]"] * 500_000), [500_000, 1], "JSON arrays ('[' characters), over"),
+]
+
+
+@pytest.mark.parametrize("case", JSON_FLOODS, ids=[c[0] for c in JSON_FLOODS])
+def test_json_bodies_past_the_bounds_are_413_naming_the_binary_extension(
+    rest: str, case: tuple[Any, ...]
+) -> None:
+    _, data, shape, fragment = case
+    reply = call("POST", f"{rest}/v2/models/gray/infer", _tensor_body(data, shape))
+    assert reply.status == 413 and fragment in reply.error, reply.body[:300]
+    assert "binary tensor extension" in reply.error and "binary_data_size" in reply.error
+    assert get(f"{rest}/v2/health/ready").status == 200
     assert post_json(f"{rest}/v2/models/gray/infer", ZERO).status == 200

@@ -36,6 +36,17 @@ def _bytes_tensor(raw: bytes) -> list[bytes]:
     return items
 
 
+def test_model_ready_answers_false_for_unknown_models_and_versions_as_triton_does(v2: Any) -> None:
+    # tritonclient's and KServe's is_model_ready raise on an error status: "not ready" is ready=false, OK.
+    for name, version in (("nope", ""), ("nope", "3"), ("gray", "7"), ("latest", "1"), ("mismatch", "")):
+        reply, call = v2.ModelReady.with_call(pb.ModelReadyRequest(name=name, version=version))
+        assert call.code() == grpc.StatusCode.OK and not reply.ready, (name, version)
+    with pytest.raises(grpc.RpcError) as err:  # a malformed version is still the client's mistake
+        v2.ModelReady(pb.ModelReadyRequest(name="gray", version="x"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "version" in err.value.details()
+    assert v2.ModelReady(pb.ModelReadyRequest(name="gray", version="2")).ready
+
+
 def test_server_status_and_metadata(v2: Any) -> None:
     assert v2.ServerLive(pb.ServerLiveRequest()).live
     assert v2.ServerReady(pb.ServerReadyRequest()).ready

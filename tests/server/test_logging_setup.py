@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 from convserve.server import logging_setup as ls
+from convserve.server.errors import InvalidInputError
 
 
 @pytest.fixture
@@ -112,11 +113,15 @@ def test_request_id_is_taken_from_metadata_when_sane_else_generated() -> None:
         assert rid != bad and len(rid) == 32
 
 
-def test_request_ids_in_bodies_are_echoed_only_when_sane() -> None:
-    assert ls.echo_request_id("trace-42", "generated") == "trace-42"
-    assert ls.echo_request_id("", "generated") == ""
-    for bad in ("r" * 8_000_000, "has space", "new\nline", "ünïcode"):
-        assert ls.echo_request_id(bad, "generated") == "generated"
+def test_request_ids_in_bodies_are_echoed_exactly_or_refused_by_name() -> None:
+    longest = "x" * ls.MAX_CLIENT_ID_CHARS
+    for given in ("trace-42", "", "my request #1", "{3f2a}", "a b", "ünïcode ✓", longest):
+        assert ls.echo_request_id(given, "id") == given
+        assert ls.error_reply_id(given) == given
+    too_long = "r" * (ls.MAX_CLIENT_ID_CHARS + 1)
+    with pytest.raises(InvalidInputError, match=r"^request_id: expected at most 1024 characters, got 1025$"):
+        ls.echo_request_id(too_long, "request_id")
+    assert ls.error_reply_id(too_long) == ""
 
 
 @pytest.mark.parametrize("fmt", ["json", "text"])
