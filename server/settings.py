@@ -89,6 +89,11 @@ class Settings:
     inline_inference_us: int = _s(
         150, "single-image runs estimated at most this long run on the event loop when the batcher is idle"
     )
+    workers: int = _s(
+        0,
+        "serving processes sharing the ports under a supervisor (0 = one per usable core: CPU affinity "
+        "and cgroup quota; 1 = this process alone, no supervisor)",
+    )
     event_loop: str = _s("uvloop", "event loop of `convserve serve`: uvloop (when installed) or asyncio")
     cpu_workers: int = _s(0, "threads for decoding and big pre/postprocessing (0 = one per CPU core)")
     decode_pixels_in_flight: int = _s(
@@ -182,6 +187,7 @@ def _validate(s: Settings) -> None:
         problems.append(f"spin_above_us must be >= -1, got {s.spin_above_us}")
     non_negative = (
         "inline_inference_us",
+        "workers",
         "cpu_workers",
         "intra_op_threads",
         "inter_op_threads",
