@@ -120,6 +120,8 @@ class Supervisor:
             sys.executable, "-m", "convserve.server.worker", str(self.run_dir), str(w.index)
         )
         log.info("worker %d started (pid %d)", w.index, w.proc.pid)
+        if self._stopping:  # the stop began while it was being started: it drains with the others
+            w.proc.send_signal(signal.SIGTERM)
 
     async def _wait_loaded(self, w: _Worker) -> bool:
         """Until the worker has loaded its models (True), or exited or timed out (False)."""

@@ -147,7 +147,7 @@ class Siblings:
         return [(model, v) for model, versions in held.items() for v in versions]
 
 
-def _control_app(running: Any, index: int) -> web.Application:
+def _control_app(running: Any, index: int, started: asyncio.Event) -> web.Application:
     """The supervisor's and siblings' way into this worker: state, readiness gate, metrics, control."""
     from prometheus_client import generate_latest
 
@@ -158,7 +158,7 @@ def _control_app(running: Any, index: int) -> web.Application:
             {
                 "index": index,
                 "pid": os.getpid(),
-                "loaded": running.repository.loaded,
+                "loaded": started.is_set(),  # models loaded and earlier unloads replayed
                 "serving": running.health.serving,
             }
         )
@@ -224,7 +224,8 @@ async def _serve_worker(plan: WorkerPlan, run_dir: Path, index: int) -> int:
     siblings = Siblings(run_dir, index, plan.workers)
     running.repository.on_control = siblings.announce
     await running.health.set_gate(False)  # the supervisor opens it once every worker is ready
-    runner = web.AppRunner(_control_app(running, index), access_log=None)
+    started = asyncio.Event()
+    runner = web.AppRunner(_control_app(running, index, started), access_log=None)
     await runner.setup()
     await web.UnixSite(runner, str(control_path(run_dir, index))).start()
 
@@ -236,6 +237,7 @@ async def _serve_worker(plan: WorkerPlan, run_dir: Path, index: int) -> int:
             except Exception as exc:  # already gone here (a folder removed since): nothing to undo
                 log.info("model %s: replayed unload skipped: %s", model, exc)
         app_module._freeze_startup_objects()
+        started.set()
 
     loader = asyncio.create_task(load())
     await stop.wait()
