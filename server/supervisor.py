@@ -113,21 +113,21 @@ class Supervisor:
 
     # ---- workers -------------------------------------------------------------------------------------
 
-    async def _spawn(self, w: _Worker) -> None:
+    async def _spawn(self, w: _Worker) -> asyncio.subprocess.Process:
         control_path(self.run_dir, w.index).unlink(missing_ok=True)
         w.generation += 1
-        w.proc = await asyncio.create_subprocess_exec(
+        w.proc = proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "convserve.server.worker", str(self.run_dir), str(w.index)
         )
-        log.info("worker %d started (pid %d)", w.index, w.proc.pid)
+        log.info("worker %d started (pid %d)", w.index, proc.pid)
         if self._stopping:  # the stop began while it was being started: it drains with the others
-            w.proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)
+        return proc
 
-    async def _wait_loaded(self, w: _Worker) -> bool:
+    async def _wait_loaded(self, w: _Worker, proc: asyncio.subprocess.Process) -> bool:
         """Until the worker has loaded its models (True), or exited or timed out (False)."""
-        assert w.proc is not None
         deadline = time.monotonic() + START_TIMEOUT_S
-        while w.proc.returncode is None and time.monotonic() < deadline:
+        while proc.returncode is None and time.monotonic() < deadline:
             try:
                 state = await control_call(control_path(self.run_dir, w.index), "GET", "/state")
                 if state["loaded"]:
@@ -135,25 +135,24 @@ class Supervisor:
             except (OSError, RuntimeError, asyncio.TimeoutError, ValueError):
                 pass  # its control socket is not up yet
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(w.proc.wait(), _STATE_POLL_S)
+                await asyncio.wait_for(proc.wait(), _STATE_POLL_S)
         return False
 
     async def _keep(self, w: _Worker) -> None:
         """Run worker ``w``, replacing it whenever it dies, until the supervisor stops."""
         failures = 0
         while not self._stopping:
-            await self._spawn(w)
-            assert w.proc is not None
-            loaded = await self._wait_loaded(w)
+            proc = await self._spawn(w)
+            loaded = await self._wait_loaded(w, proc)
             if loaded and not self._stopping:
                 failures = 0
                 w.ready = True
                 await self._update_gates()
             elif not self._stopping:
-                log.error("worker %d (pid %d) did not become ready", w.index, w.proc.pid)
+                log.error("worker %d (pid %d) did not become ready", w.index, proc.pid)
                 with contextlib.suppress(ProcessLookupError):
-                    w.proc.kill()
-            code = await w.proc.wait()
+                    proc.kill()
+            code = await proc.wait()
             w.ready = False
             self.sum.retire(w.index)
             if self._stopping:
@@ -164,9 +163,7 @@ class Supervisor:
                 log.error("worker %d exited with %d before serving; stopping the server", w.index, code)
                 self._failed.set()
                 return
-            log.warning(
-                "worker %d (pid %d) exited with %d; starting a replacement", w.index, w.proc.pid, code
-            )
+            log.warning("worker %d (pid %d) exited with %d; starting a replacement", w.index, proc.pid, code)
             await self._update_gates()
 
     async def _update_gates(self) -> None:
