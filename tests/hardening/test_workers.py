@@ -354,6 +354,20 @@ def test_a_busy_port_stops_the_supervisor_with_one_error(
     assert "exited with 1" in str(err.value)
 
 
+def test_a_negative_worker_count_is_one_error_line() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "convserve.server", "--workers", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: workers must be >= 0, got -1"
+
+
 def test_workers_split_the_cores_between_them() -> None:
     settings = Settings()
     split = worker_settings(settings, workers=2, cores=4, grpc_port=1234, http_port=-1)
