@@ -70,6 +70,7 @@ class RunningServer:
     _stopping: bool = False
     _poller: asyncio.Task[None] | None = None  # repository polling (hot reload), when configured
     _trimmer: HeapTrimmer | None = None  # returns freed heap to the OS after large messages
+    _unix_path: str | None = None  # a worker's private gRPC socket, drained like the port
 
     @property
     def http_port(self) -> int | None:
@@ -128,7 +129,7 @@ class RunningServer:
         # Every call we were handed has finished (or the grace is over); what is left on the connections
         # are calls grpc core holds unhanded, and new ones: end the connections under core so that their
         # clients see UNAVAILABLE, before core's own shutdown answers them CANCELLED (server/sockets.py).
-        shut_down_port(self.grpc_port)
+        shut_down_port(self.grpc_port, self._unix_path)
         await self.server.stop(max(0.0, deadline - time.monotonic()))
         await self.repository.stop(max(0.0, deadline - time.monotonic()))
         self.core.close()
@@ -258,6 +259,8 @@ async def start_server(
         server, settings, repository, metrics, health, edge, core, port, metrics_port, http
     )
     running._trimmer = trimmer
+    if private_address is not None and private_address.startswith("unix:"):
+        running._unix_path = private_address.removeprefix("unix:")
     trimmer.start()
     if settings.repository_poll_seconds > 0:
         running._poller = asyncio.create_task(repository.poll_forever(settings.repository_poll_seconds))
