@@ -16,8 +16,10 @@ import stat
 import sys
 import tempfile
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from . import logging_setup
+from .cores import usable_cores
 from .health import Health
 from .http import HttpFrontEnd, start_http
 from .inference import InferenceCore
@@ -67,6 +70,7 @@ class RunningServer:
     _stopping: bool = False
     _poller: asyncio.Task[None] | None = None  # repository polling (hot reload), when configured
     _trimmer: HeapTrimmer | None = None  # returns freed heap to the OS after large messages
+    _unix_path: str | None = None  # a worker's private gRPC socket, drained like the port
 
     @property
     def http_port(self) -> int | None:
@@ -125,7 +129,7 @@ class RunningServer:
         # Every call we were handed has finished (or the grace is over); what is left on the connections
         # are calls grpc core holds unhanded, and new ones: end the connections under core so that their
         # clients see UNAVAILABLE, before core's own shutdown answers them CANCELLED (server/sockets.py).
-        shut_down_port(self.grpc_port)
+        shut_down_port(self.grpc_port, self._unix_path)
         await self.server.stop(max(0.0, deadline - time.monotonic()))
         await self.repository.stop(max(0.0, deadline - time.monotonic()))
         self.core.close()
@@ -172,13 +176,20 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 async def start_server(
-    settings: Settings, registry: CollectorRegistry | None = None, *, load_models: bool = True
+    settings: Settings,
+    registry: CollectorRegistry | None = None,
+    *,
+    load_models: bool = True,
+    share_ports: bool = False,
+    private_address: str | None = None,
 ) -> RunningServer:
     """Bind and start the gRPC server (and /metrics), then load the models unless ``load_models`` is False.
 
     Health reads NOT_SERVING from the moment the port is open until models are loaded, so a caller
     that wants the port early (``serve_forever`` writes the port file) passes False and calls
     ``RunningServer.load_models()`` itself. Raises OSError/RuntimeError if a port cannot be bound.
+    A worker process passes ``share_ports`` (bind the gRPC and REST ports with SO_REUSEPORT beside its
+    siblings) and ``private_address`` (one more gRPC address that reaches this process alone).
     """
     metrics = Metrics(registry, enabled=settings.metrics_enabled or registry is not None)
     repository = ModelRepository(settings.model_repository, settings, metrics)
@@ -203,7 +214,9 @@ async def start_server(
         options=[
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
-            ("grpc.so_reuseport", 0),  # a busy port must fail loudly, not be shared with another server
+            # A busy port must fail loudly, not be shared with another server; worker processes share
+            # theirs, which their supervisor has reserved (server/supervisor.py).
+            ("grpc.so_reuseport", 1 if share_ports else 0),
         ],
     )
     core = InferenceCore(repository, settings, metrics)
@@ -222,12 +235,16 @@ async def start_server(
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"could not bind gRPC to {address}")
+    if private_address is not None and server.add_insecure_port(private_address) == 0:
+        raise RuntimeError(f"could not bind gRPC to {private_address}")
     await server.start()
     metrics_port = None
     http = None
     try:
         if settings.http_enabled:
-            http = await start_http(settings, v2=v2, core=core, health=health, edge=edge, tokens=tokens)
+            http = await start_http(
+                settings, v2=v2, core=core, health=health, edge=edge, tokens=tokens, reuse_port=share_ports
+            )
         if settings.metrics_enabled:
             metrics_port = metrics.start_http_server(
                 settings.metrics_host or settings.host, settings.metrics_port
@@ -242,6 +259,8 @@ async def start_server(
         server, settings, repository, metrics, health, edge, core, port, metrics_port, http
     )
     running._trimmer = trimmer
+    if private_address is not None and private_address.startswith("unix:"):
+        running._unix_path = private_address.removeprefix("unix:")
     trimmer.start()
     if settings.repository_poll_seconds > 0:
         running._poller = asyncio.create_task(repository.poll_forever(settings.repository_poll_seconds))
@@ -270,9 +289,15 @@ def check_port_file(path: str | Path) -> None:
 
 
 def write_port_file(
-    path: str | Path, grpc_port: int, metrics_port: int | None, http_port: int | None = None
+    path: str | Path,
+    grpc_port: int,
+    metrics_port: int | None,
+    http_port: int | None = None,
+    *,
+    workers: list[dict[str, Any]] | None = None,
 ) -> None:
-    """Write the bound ports as JSON, atomically, so a reader never sees half a file.
+    """Write the bound ports as JSON, atomically, so a reader never sees half a file. A supervisor adds
+    ``workers``: each worker's index, pid and the gRPC address that reaches it alone.
 
     The temporary file is created exclusively (``mkstemp``: never through a planted symlink) beside
     ``path`` and renamed over it. Raises ValueError for an existing non-regular ``path``.
@@ -283,7 +308,8 @@ def write_port_file(
     try:
         with os.fdopen(fd, "w") as out:
             ports = {"grpc_port": grpc_port, "http_port": http_port, "metrics_port": metrics_port}
-            out.write(json.dumps({**ports, "pid": os.getpid()}))
+            extra = {} if workers is None else {"workers": workers}
+            out.write(json.dumps({**ports, "pid": os.getpid(), **extra}))
             out.write("\n")
         os.chmod(tmp, 0o644)
         check_port_file(path)  # narrows the window between the first check and the rename
@@ -335,10 +361,21 @@ def _freeze_startup_objects() -> None:
 
 def serve_forever(settings: Settings) -> int:
     """Run the server until SIGTERM/SIGINT, drain within the grace period, and return exit status 0
-    (1 when it cannot start: a busy port, an unreadable certificate or token file)."""
+    (1 when it cannot start: a busy port, an unreadable certificate or token file). With more than one
+    worker (``workers``; 0 = one per usable core) this process supervises that many serving processes."""
     # JSON logs mean every line: native libraries' stderr goes through the logger too.
     stream = logging_setup.route_native_logs(settings.log_level) if settings.log_format == "json" else None
     logging_setup.configure_logging(settings.log_level, settings.log_format, settings.access_log, stream)
+    workers = settings.workers or usable_cores()
+    if workers > 1:
+        from .supervisor import supervise
+
+        return asyncio.run(supervise(settings, workers))
+    return run_event_loop(settings, _serve(settings))
+
+
+def run_event_loop(settings: Settings, main: Coroutine[Any, Any, int]) -> int:
+    """Run a serving process's main coroutine on the configured event loop; returns its exit status."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     if settings.event_loop == "uvloop":
         try:
@@ -346,5 +383,5 @@ def serve_forever(settings: Settings) -> int:
         except ImportError:  # not installed (e.g. Windows): asyncio's loop serves the same, a little slower
             log.warning("uvloop is not installed; serving on asyncio's event loop")
         else:
-            return uvloop.run(_serve(settings))
-    return asyncio.run(_serve(settings))
+            return uvloop.run(main)
+    return asyncio.run(main)

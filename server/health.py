@@ -23,6 +23,10 @@ class Health:
         self.services = ("", *services)
         self.serving = False
         self.draining = False
+        self.loaded = False
+        # A worker process's siblings: the supervisor closes the gate while any worker is not ready, so
+        # that readiness on the shared port is the conjunction of the workers' (always open alone).
+        self.gate_open = True
 
     async def start(self) -> None:
         """Register every service as NOT_SERVING (models are not loaded yet)."""
@@ -30,12 +34,24 @@ class Health:
             await self.servicer.set(name, NOT_SERVING)
 
     async def set_serving(self) -> None:
-        """Models are loaded: report SERVING, unless the server is already draining."""
+        """Models are loaded: report SERVING (while the gate is open), unless the server is draining."""
+        self.loaded = True
+        await self._publish()
+
+    async def set_gate(self, open_: bool) -> None:
+        """Open or close the sibling gate: SERVING needs loaded models and an open gate."""
+        self.gate_open = open_
+        await self._publish()
+
+    async def _publish(self) -> None:
         if self.draining:
             return
-        self.serving = True
+        serving = self.loaded and self.gate_open
+        if serving == self.serving:
+            return
+        self.serving = serving
         for name in self.services:
-            await self.servicer.set(name, SERVING)
+            await self.servicer.set(name, SERVING if serving else NOT_SERVING)
 
     async def drain(self) -> None:
         """Shutdown began: NOT_SERVING everywhere, for good."""

@@ -244,13 +244,31 @@ def flush_suppressed() -> None:
         )
 
 
+class _WorkerField(logging.Filter):
+    """Adds ``worker=<index>`` to every record's fields (lines from N processes share one stream)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.fields = {"worker": self.index, **_fields(record)}
+        return True
+
+
 def configure_logging(
-    level: str = "INFO", fmt: str = "text", access_log: bool = False, stream: TextIO | None = None
+    level: str = "INFO",
+    fmt: str = "text",
+    access_log: bool = False,
+    stream: TextIO | None = None,
+    *,
+    worker: int | None = None,
 ) -> logging.Handler:
     """Install one handler on the `convserve` logger tree; calling again replaces it (tests, re-config).
 
     `fmt` is "text" or "json". The access log (`convserve.access`, one INFO line per request) is on only
-    when `access_log` is true; failed-request lines (`convserve.requests`) follow `level`.
+    when `access_log` is true; failed-request lines (`convserve.requests`) follow `level`. A worker
+    process passes its index: every line then carries the field ``worker``.
     """
     if fmt not in ("text", "json"):
         raise ValueError(f"log format must be 'text' or 'json', got {fmt!r}")
@@ -261,6 +279,8 @@ def configure_logging(
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     setattr(handler, _HANDLER_MARK, True)
+    if worker is not None:
+        handler.addFilter(_WorkerField(worker))
     root.addHandler(handler)
     root.setLevel(level.upper())
     # The handler owns output: without this, a host application's root handler would print lines twice.

@@ -57,6 +57,7 @@ __all__ = [
     "Metrics",
     "ModelObserver",
     "RequestHandle",
+    "process_registry",
 ]
 
 MODEL_STATES: tuple[str, ...] = ("loading", "ready", "failed", "unloading")
@@ -221,6 +222,15 @@ def _package_version(name: str) -> str:
         return "unknown"
 
 
+def process_registry() -> CollectorRegistry:
+    """A private registry with the standard process, platform and GC collectors."""
+    registry = CollectorRegistry(auto_describe=True)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
 class Metrics:
     """convserve's metrics on one registry; inject a fresh one per server so tests can run several.
 
@@ -230,12 +240,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None, *, enabled: bool = True) -> None:
         self.enabled = enabled
-        if registry is None:
-            registry = CollectorRegistry(auto_describe=True)
-            ProcessCollector(registry=registry)
-            PlatformCollector(registry=registry)
-            GCCollector(registry=registry)
-        self.registry = registry
+        self.registry = process_registry() if registry is None else registry
         self._lock = threading.Lock()
         self._known: set[tuple[str, str]] = set()
         self._known_models: set[str] = set()
@@ -246,8 +251,8 @@ class Metrics:
         if not enabled:
             return
         # Registered first: the per-request families lead the exposition, as they always have.
-        registry.register(CountsCollector(self._all_series))
-        self._f = _LifecycleFamilies(registry)
+        self.registry.register(CountsCollector(self._all_series))
+        self._f = _LifecycleFamilies(self.registry)
         self._f.build_info.labels(
             _package_version("convserve"), platform.python_version(), _package_version("onnxruntime")
         ).set(1)

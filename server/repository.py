@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 _VERSION_DIR = re.compile(r"[0-9]{1,18}")  # fullmatch only, like NAME_PATTERN
 
 Stamp = tuple[int, int] | None
+
+# Told of each model-control request this repository applied: ("load" | "unload", model, version).
+ControlListener = Callable[[str, str, int], Awaitable[None]]
 
 
 def _stamp(path: Path) -> Stamp:
@@ -120,6 +124,8 @@ class ModelRepository:
         self._settling: dict[
             str, tuple[object, ...]
         ] = {}  # polling: changes seen once, awaiting a second look
+        # Worker processes: passes each model-control request on to the sibling workers (server/worker.py).
+        self.on_control: ControlListener | None = None
 
     # ---- scanning and loading --------------------------------------------------------------------
 
@@ -236,7 +242,7 @@ class ModelRepository:
 
     # ---- hot reload --------------------------------------------------------------------------------
 
-    async def reload(self, name: str, where: str = "model") -> ModelEntry:
+    async def reload(self, name: str, where: str = "model", *, propagate: bool = True) -> ModelEntry:
         """(Re)read one model folder and serve what its version policy now selects, without a restart.
 
         New or changed versions load first (in a worker thread); versions no longer selected are retired
@@ -246,7 +252,10 @@ class ModelRepository:
         """
         validate_model_name(name, where)
         async with self._lock:
-            return await self._reload(name, where)
+            entry = await self._reload(name, where)
+        if propagate and self.on_control is not None:
+            await self.on_control("load", name, 0)
+        return entry
 
     async def _reload(self, name: str, where: str) -> ModelEntry:
         model_dir = self.root / name  # a validated name: one path component, never "..", "/" or "%"
@@ -354,7 +363,9 @@ class ModelRepository:
         """Unload versions no longer served; their queued requests get the drain grace period."""
         await asyncio.gather(*(sm.unload(self.settings.drain_grace_seconds) for sm in versions))
 
-    async def unload(self, name: str, version: int = 0, where: str = "model") -> ModelEntry:
+    async def unload(
+        self, name: str, version: int = 0, where: str = "model", *, propagate: bool = True
+    ) -> ModelEntry:
         """Stop serving one version (``version`` > 0) or the whole model; queued requests finish first.
 
         The model stays unloaded, by polling too, until ``reload`` is asked for it.
@@ -380,6 +391,8 @@ class ModelRepository:
             [sm.version for sm in targets],
             extra={"fields": {"event": "model_unloaded", "model": name}},
         )
+        if propagate and self.on_control is not None:
+            await self.on_control("unload", name, version)
         return entry
 
     async def poll(self) -> None:
@@ -406,7 +419,7 @@ class ModelRepository:
                 continue
             del self._settling[name]
             try:
-                await self.reload(name)
+                await self.reload(name, propagate=False)  # every worker polls the same folder itself
             except ConvserveServerError as exc:  # e.g. the folder vanished meanwhile; the others go on
                 log.warning("model %s: reload skipped: %s", name, exc)
         for name in sorted(set(self._entries) - set(names)):

@@ -64,7 +64,10 @@ class Settings:
         ("cpu",),
         f"ordered ONNX Runtime providers, comma-separated, from {','.join(PROVIDERS)}; cpu is the floor",
     )
-    intra_op_threads: int = _s(0, "ONNX Runtime threads inside one operator (0 = ONNX Runtime's default)")
+    intra_op_threads: int = _s(
+        0,
+        "ONNX Runtime threads inside one operator (0 = ONNX Runtime's default; workers: cores ÷ workers)",
+    )
     inter_op_threads: int = _s(0, "ONNX Runtime threads across operators (0 = ONNX Runtime's default)")
     graph_optimization_level: str = _s("all", f"ONNX Runtime graph optimizations: {'|'.join(OPT_LEVELS)}")
     spin_above_us: int = _s(
@@ -89,10 +92,19 @@ class Settings:
     inline_inference_us: int = _s(
         150, "single-image runs estimated at most this long run on the event loop when the batcher is idle"
     )
+    workers: int = _s(
+        0,
+        "serving processes sharing the ports under a supervisor (0 = one per usable core: CPU affinity "
+        "and cgroup quota; 1 = this process alone, no supervisor)",
+    )
     event_loop: str = _s("uvloop", "event loop of `convserve serve`: uvloop (when installed) or asyncio")
-    cpu_workers: int = _s(0, "threads for decoding and big pre/postprocessing (0 = one per CPU core)")
+    cpu_workers: int = _s(
+        0,
+        "threads for decoding and big pre/postprocessing (0 = one per CPU core; workers: cores ÷ workers)",
+    )
     decode_pixels_in_flight: int = _s(
-        48_000_000, "decoded pixels being decoded at once, server-wide; more waits (cost-bounded admission)"
+        48_000_000,
+        "decoded pixels being decoded at once, per worker process; more waits (cost-bounded admission)",
     )
     # Requests
     top_k: int = _s(5, "predictions per image when a request leaves top_k at 0 (capped at the class count)")
@@ -182,6 +194,7 @@ def _validate(s: Settings) -> None:
         problems.append(f"spin_above_us must be >= -1, got {s.spin_above_us}")
     non_negative = (
         "inline_inference_us",
+        "workers",
         "cpu_workers",
         "intra_op_threads",
         "inter_op_threads",

@@ -38,10 +38,11 @@ def _sockets() -> list[int]:
     return fds
 
 
-def shut_down_port(port: int) -> int:
-    """Shut down (both directions) every TCP socket of this process whose local port is ``port``: the
-    listener first (no connection completes after it), then each accepted connection. Returns how many;
-    0 where descriptors cannot be listed."""
+def shut_down_port(port: int, unix_path: str | None = None) -> int:
+    """Shut down (both directions) every TCP socket of this process whose local port is ``port`` (and,
+    given ``unix_path``, every Unix socket bound to or accepted on that path): the listener first (no
+    connection completes after it), then each accepted connection. Returns how many; 0 where descriptors
+    cannot be listed."""
     mine = []
     for fd in _sockets():
         try:
@@ -49,10 +50,9 @@ def shut_down_port(port: int) -> int:
         except OSError:
             continue
         try:
-            if (
-                dup.family in (socket.AF_INET, socket.AF_INET6)
-                and dup.type == socket.SOCK_STREAM
-                and dup.getsockname()[1] == port
+            if dup.type == socket.SOCK_STREAM and (
+                (dup.family in (socket.AF_INET, socket.AF_INET6) and dup.getsockname()[1] == port)
+                or (unix_path is not None and dup.family == socket.AF_UNIX and dup.getsockname() == unix_path)
             ):
                 mine.append(dup)
                 continue

@@ -37,14 +37,20 @@ class ServerStartError(RuntimeError):
 
 
 def loopback_command(
-    port_file: str | Path, *flags: str, grpc_port: int = 0, metrics_port: int = 0, http_port: int = 0
+    port_file: str | Path,
+    *flags: str,
+    grpc_port: int = 0,
+    metrics_port: int = 0,
+    http_port: int = 0,
+    workers: int = 1,
 ) -> list[str]:
     """``python -m convserve.server`` on 127.0.0.1 reporting its bound ports in ``port_file``
-    (0 = ephemeral, -1 = off: no metrics, no REST); ``flags`` are further ``convserve serve`` flags."""
+    (0 = ephemeral, -1 = off: no metrics, no REST); ``flags`` are further ``convserve serve`` flags.
+    One serving process unless ``workers`` (or a ``--workers`` flag) asks for more (0 = one per core)."""
     return [
         sys.executable, "-m", "convserve.server", "--host", "127.0.0.1",
         "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
-        "--port-file", str(port_file), *flags,
+        "--workers", str(workers), "--port-file", str(port_file), *flags,
     ]  # fmt: skip
 
 
@@ -90,6 +96,12 @@ class ServerProcess:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def workers(self) -> list[dict[str, Any]]:
+        """The worker processes the port file lists now (index, pid, the gRPC address of that worker
+        alone); empty for a single-process server."""
+        ports = read_port_file(self.port_file) or {}
+        return list(ports.get("workers", []))
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -163,6 +175,7 @@ def start_server_process(
     timeout: float = 60.0,
     credentials: Any = None,
     channel_options: Sequence[tuple[str, Any]] | None = None,
+    workers: int = 1,
 ) -> ServerProcess:
     """Start a server child (``flags`` as for ``convserve serve``), wait for its port file and, with
     ``wait``, for health SERVING; its output goes to a log file in ``workdir``. On failure the child
@@ -173,7 +186,12 @@ def start_server_process(
     log_path = workdir / f"server-{stamp}.log"
     log = log_path.open("wb")
     cmd = loopback_command(
-        port_file, *flags, grpc_port=grpc_port, metrics_port=metrics_port, http_port=http_port
+        port_file,
+        *flags,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        http_port=http_port,
+        workers=workers,
     )
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(env), cwd=cwd)
     server = ServerProcess(proc, port_file, log_path, _log=log)

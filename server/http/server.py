@@ -70,8 +70,10 @@ async def start_http(
     health: Health,
     edge: Edge,
     tokens: Sequence[bytes],
+    reuse_port: bool = False,
 ) -> HttpFrontEnd:
-    """Bind ``settings.host:settings.http_port`` (0 = ephemeral) and serve; raises OSError when busy."""
+    """Bind ``settings.host:settings.http_port`` (0 = ephemeral) and serve; raises OSError when busy.
+    ``reuse_port``: share the port with sibling worker processes (SO_REUSEPORT)."""
     limit = settings.max_message_bytes
     app = web.Application(middlewares=[RestEdge(edge, tokens).middleware], client_max_size=limit)
     Routes(v2, core, health, limit).add_to(app)
@@ -79,7 +81,13 @@ async def start_http(
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=_CLEANUP_S)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.host, settings.http_port, ssl_context=ssl_context(settings))
+        site = web.TCPSite(
+            runner,
+            settings.host,
+            settings.http_port,
+            ssl_context=ssl_context(settings),
+            reuse_port=reuse_port,
+        )
         await site.start()
     except BaseException:
         await runner.cleanup()

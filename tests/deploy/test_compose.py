@@ -122,6 +122,11 @@ def test_replica_ports_health_volume_and_shutdown_agree_with_the_server(
     assert float(limits["cpus"]) > 0 and re.fullmatch(r"\d+[mg]", limits["memory"])
 
 
+def test_cpu_replica_runs_one_worker_per_cpu_of_its_limit(compose: dict[str, Any], settings: Any) -> None:
+    assert settings.workers == 0  # one per usable core: the container's cpus limit (cgroup quota)
+    assert float(compose["services"]["convserve"]["deploy"]["resources"]["limits"]["cpus"]) >= 2
+
+
 def test_gpu_variant_reserves_an_nvidia_device_and_tries_cuda_first(
     compose: dict[str, Any], settings_from_env: Any
 ) -> None:
@@ -129,6 +134,8 @@ def test_gpu_variant_reserves_an_nvidia_device_and_tries_cuda_first(
     (device,) = service["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert settings_from_env(service["environment"]).execution_providers[0] == "cuda"
+    # One process drives the GPU: each further worker would hold its own copy of the models on the device.
+    assert settings_from_env(service["environment"]).workers == 1
     # Found by the load balancer and Prometheus under the CPU replicas' name.
     assert "convserve" in service["networks"]["default"]["aliases"]
 

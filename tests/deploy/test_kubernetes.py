@@ -115,6 +115,12 @@ def test_liveness_outlasts_the_drain(container: dict[str, Any], settings: Any) -
     assert liveness["periodSeconds"] * liveness["failureThreshold"] > settings.drain_grace_seconds
 
 
+def test_workers_follow_the_cpu_limit(container: dict[str, Any], settings: Any) -> None:
+    # 0 = one worker per usable core, which in a pod is its CPU limit (the cgroup quota, server/cores.py).
+    assert settings.workers == 0
+    assert float(container["resources"]["limits"]["cpu"]) >= 2  # so the default runs more than one worker
+
+
 def test_shutdown_gives_the_server_its_whole_drain(
     deployment: dict[str, Any], container: dict[str, Any], settings: Any
 ) -> None:
