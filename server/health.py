@@ -37,6 +37,18 @@ class Health:
         for name in self.services:
             await self.servicer.set(name, SERVING)
 
+    async def set_ready(self, ready: bool) -> None:
+        """Follow the models' readiness after a load, reload or unload (strict readiness); the drain
+        latch still wins."""
+        if self.draining or ready == self.serving:
+            return
+        if ready:
+            await self.set_serving()
+            return
+        self.serving = False
+        for name in self.services:
+            await self.servicer.set(name, NOT_SERVING)
+
     async def drain(self) -> None:
         """Shutdown began: NOT_SERVING everywhere, for good."""
         self.draining = True

@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .model_config import ModelConfig
+from .model_files import STRICT, Boundary, check_graph
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class OnnxSession:
         cfg: ModelConfig,
         providers: Sequence[str],
         options: SessionOptions = SessionOptions(),
+        boundary: Boundary = STRICT,
     ) -> None:
         self.path = Path(path)
         self.cfg = cfg
@@ -117,9 +119,12 @@ class OnnxSession:
         opts.add_session_config_entry("session.force_spinning_stop", spin)
         opts.log_severity_level = 3  # ORT's own warnings are summarised by our one fallback warning
         wanted = provider_list(providers)
-        # Read the bytes ourselves: only a regular .onnx file is ever handed to ONNX Runtime.
-        model_bytes = self.path.read_bytes()
-        self._session = ort.InferenceSession(model_bytes, sess_options=opts, providers=wanted)
+        # ONNX Runtime gets the graph's path, so external data resolves beside it (never against the
+        # working directory), and only after every external-data reference was checked (model_files.py).
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: not a regular file")
+        check_graph(self.path, self.path.read_bytes(), boundary)
+        self._session = ort.InferenceSession(str(self.path), sess_options=opts, providers=wanted)
         active = self._session.get_providers()
         self.provider = active[0] if active else "CPUExecutionProvider"
         if self.provider != wanted[0]:
