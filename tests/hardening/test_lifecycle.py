@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.lifecycle import measure
 from convserve.server.settings import default_model_repository
+
+from benchmarks.lifecycle import measure
 
 CYCLES = 20
 
