@@ -70,6 +70,8 @@ class OutputSpec:
     name: str = "logits"
     # "logits" get a softmax at postprocessing; "probabilities" are used as they are.
     kind: str = "logits"
+    # The file the labels were read from (config.pbtxt's label_filename), reported back as Triton does.
+    label_filename: str = ""
 
 
 @dataclass(frozen=True)

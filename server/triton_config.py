@@ -140,7 +140,11 @@ def to_model_config(
         "name": name,
         "platform": "onnxruntime_onnx",
         "input": {"name": input_name, "shape": [c, h, w]},
-        "output": {"name": output_name, "kind": params.get("output_kind", "logits")},
+        "output": {
+            "name": output_name,
+            "kind": params.get("output_kind", "logits"),
+            "label_filename": msg.output[0].label_filename if msg.output else "",
+        },
         "preprocessing": {"color_mode": COLOR_MODES.get(c, "?"), "resize": [h, w], "mean": mean, "std": std},
         "labels": labels,
         "max_batch_size": max_batch_size,

@@ -101,3 +101,16 @@ def test_a_missing_repository_is_one_error_line_and_a_non_zero_exit(tmp_path: Pa
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and str(missing) in errors[0] and "--wait-for-repository" in errors[0], errors
+
+
+def test_label_filename_is_reported_in_the_model_config(tmp_path: Path, make_model: Any) -> None:
+    from convserve.server.settings import Settings
+    from convserve.server.triton_model import model_config
+
+    folder = _model(tmp_path / "m", make_model, f"max_batch_size: 4\n{OUTPUT}".replace(
+        "dims: [4]", "dims: [4] label_filename: 'names.txt'"))  # fmt: skip
+    (folder / "names.txt").write_text("w\nx\ny\nz\n")
+    cfg = read_model_config(folder)
+    assert cfg.labels == ("w", "x", "y", "z")
+    reported = model_config(cfg, Settings(model_repository=str(tmp_path)))
+    assert reported.output[0].label_filename == "names.txt"
