@@ -30,6 +30,13 @@ COLOR_MODES = ("L", "RGB")
 POLARITIES = ("as_is", "auto")
 OUTPUT_KINDS = ("logits", "probabilities")
 PROVIDERS = ("cuda", "tensorrt", "openvino", "cpu")
+# A real config.json or config.pbtxt is a few KB; parsing a 10 MB one held the GIL for seconds. Refused
+# by size before parsing. Label files get more room (one line per class).
+MAX_CONFIG_BYTES = 64 * 1024
+MAX_LABEL_BYTES = 4 * 1024 * 1024
+# The largest input (C*H*W) and class count a config may declare; beyond them a config is hostile.
+MAX_INPUT_ELEMENTS = 1 << 26
+MAX_CLASSES = 1 << 20
 
 
 class ModelConfigError(ValueError):
@@ -63,6 +70,8 @@ class OutputSpec:
     name: str = "logits"
     # "logits" get a softmax at postprocessing; "probabilities" are used as they are.
     kind: str = "logits"
+    # The file the labels were read from (config.pbtxt's label_filename), reported back as Triton does.
+    label_filename: str = ""
 
 
 @dataclass(frozen=True)
@@ -187,14 +196,29 @@ class ModelConfig:
         return replace(self, **changes)
 
 
+def read_config_text(path: Path, limit: int = MAX_CONFIG_BYTES) -> str:
+    """A config (or label) file's text, refused by its size before a byte is parsed; ModelConfigError."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise ModelConfigError(f"{path}: no such file in the model folder") from None
+    except OSError as exc:
+        raise ModelConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise ModelConfigError(f"{path}: larger than {limit} bytes; a model's config is a few KB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModelConfigError(f"{path}: expected UTF-8 text: {exc}") from None
+
+
 def load_config(model_dir: Path) -> ModelConfig:
     """Read and validate ``<model_dir>/config.json``; the folder name must equal the config's name."""
     path = Path(model_dir) / CONFIG_FILE
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelConfigError(f"{path}: no {CONFIG_FILE} in model folder") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(read_config_text(path))
+    except json.JSONDecodeError as exc:
         raise ModelConfigError(f"{path}: cannot read config: {exc}") from None
     cfg = ModelConfig.from_dict(data)
     if cfg.name != Path(model_dir).name:
@@ -241,6 +265,8 @@ def _problems(cfg: ModelConfig) -> list[str]:
         p.append(f"input.layout must be one of {LAYOUTS}, got {cfg.input.layout!r}")
     if len(cfg.input.shape) != 3 or any(int(d) <= 0 for d in cfg.input.shape):
         p.append(f"input.shape must be three positive dims (C, H, W), got {list(cfg.input.shape)}")
+    elif math.prod(int(d) for d in cfg.input.shape) > MAX_INPUT_ELEMENTS:
+        p.append(f"input.shape {list(cfg.input.shape)} has more than {MAX_INPUT_ELEMENTS} elements")
     pre = cfg.preprocessing
     if pre.color_mode not in COLOR_MODES:
         p.append(f"preprocessing.color_mode must be one of {COLOR_MODES}, got {pre.color_mode!r}")
@@ -270,6 +296,8 @@ def _problems(cfg: ModelConfig) -> list[str]:
         p.append(f"output.kind must be one of {OUTPUT_KINDS}, got {cfg.output.kind!r}")
     if not cfg.labels:
         p.append("labels must list one label per class")
+    elif len(cfg.labels) > MAX_CLASSES:
+        p.append(f"labels: at most {MAX_CLASSES} classes, got {len(cfg.labels)}")
     if not 1 <= cfg.max_batch_size <= 4096:
         p.append(f"max_batch_size must be in 1..4096, got {cfg.max_batch_size}")
     b = cfg.batching

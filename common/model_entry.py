@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from .model_config import CONFIG_FILE, MODEL_FILE, ModelConfig, write_config
@@ -40,8 +40,20 @@ def check_writable(repository: Path) -> None:
         raise EntryWriteError(f"model repository {repository} is not writable")
 
 
-def write_entry(model_dir: Path, version: int, onnx_bytes: bytes, cfg: ModelConfig) -> None:
-    """Move a complete entry into place with renames; on any failure remove the temporary files only."""
+def write_entry(
+    model_dir: Path,
+    version: int,
+    onnx_bytes: bytes,
+    cfg: ModelConfig,
+    data_files: Mapping[str, Path] | None = None,
+    check: Callable[[Path], None] | None = None,
+) -> None:
+    """Move a complete entry into place with renames; on any failure remove the temporary files only.
+
+    ``data_files`` maps each external-data name the graph uses (relative to ``model.onnx``) to the file
+    to copy there. ``check(staged_model_path)`` runs on the staged copy before anything is moved into
+    place; whatever it raises leaves the repository as it was.
+    """
     fresh = not model_dir.exists()
     # Hidden names: a repository scanner takes only numeric version folders and named model folders.
     parent = model_dir.parent if fresh else model_dir
@@ -54,7 +66,13 @@ def write_entry(model_dir: Path, version: int, onnx_bytes: bytes, cfg: ModelConf
         version_dir.mkdir(parents=True)
         _make_readable(version_dir)
         (version_dir / MODEL_FILE).write_bytes(onnx_bytes)
+        for name, source in (data_files or {}).items():
+            target = version_dir / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
         write_config(entry_root, cfg)
+        if check is not None:
+            check(version_dir / MODEL_FILE)
         if fresh:
             os.rename(staging, model_dir)  # the whole entry appears at once
             return

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Debian packages the tests drive for real: Prometheus (metrics checks), nginx (the local stack's gRPC
 # load balancer), HAProxy (checks the compose stack's balancer config), openssl (test certificates
-# for TLS/mTLS), curl (the README's REST examples, run by a test) and h2load from nghttp2-client (the C load
-# generator of benchmarks/h2load.py, driven by a test). `make test-deploy` installs its
+# for TLS/mTLS), curl (the README's REST examples, run by a test), strace (the repository boundary test)
+# and h2load from nghttp2-client (the C load generator of benchmarks/h2load.py, driven by a test).
+# `make test-deploy` installs its
 # own (docker.io, mmdebstrap) in its scripts.
 # Also the TrueType/OpenType fonts the digits model is trained on and the unseen fonts its generalisation
 # set is rendered from (models/fonts.py lists which is which).
@@ -15,6 +16,8 @@ command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
+# strace: a test watches every file the server and `convserve import` open (the repository boundary).
+command -v strace >/dev/null 2>&1 || need+=(strace)
 # The font list is shared with the Dockerfile's train stage.
 while read -r font; do
   dpkg-query -W -f='${Status}' "$font" 2>/dev/null | grep -q "ok installed" || need+=("$font")

@@ -84,8 +84,13 @@ class RunningServer:
             host = "127.0.0.1"
         return f"[{host}]:{self.grpc_port}" if ":" in host else f"{host}:{self.grpc_port}"
 
+    async def refresh_readiness(self) -> None:
+        """Health follows the models: with strict readiness (the default) SERVING only while every model
+        found is ready, else while any version is."""
+        await self.health.set_ready(self.repository.ready(self.settings.strict_readiness))
+
     async def load_models(self) -> None:
-        """Load every model; report SERVING when at least one version is ready."""
+        """Load every model; report SERVING as ``refresh_readiness`` decides."""
         t0 = time.perf_counter()
         await self.repository.load_all()
         ready = [
@@ -94,8 +99,15 @@ class RunningServer:
             for sm in e.versions.values()
             if sm.ready
         ]
-        if ready:
-            await self.health.set_serving()
+        failed = self.repository.not_ready()
+        if self.settings.strict_readiness and failed:
+            log.error(
+                "strict readiness: health stays NOT_SERVING while %d model(s) are not ready: %s "
+                "(--no-strict-readiness serves the ready ones)",
+                len(failed),
+                "; ".join(failed),
+            )
+        elif self.health.serving:
             log.info(
                 "serving %d model version(s) [%s] after %.2f s",
                 len(ready),
@@ -193,6 +205,8 @@ async def start_server(
     """
     metrics = Metrics(registry, enabled=settings.metrics_enabled or registry is not None)
     repository = ModelRepository(settings.model_repository, settings, metrics)
+    if not settings.wait_for_repository:
+        repository.check_root()
     if metrics.enabled and settings.triton_metrics:
         metrics.registry.register(TritonCollector(repository))
     repository.scan()
@@ -261,6 +275,7 @@ async def start_server(
     running._trimmer = trimmer
     if private_address is not None and private_address.startswith("unix:"):
         running._unix_path = private_address.removeprefix("unix:")
+    repository.on_change = running.refresh_readiness
     trimmer.start()
     if settings.repository_poll_seconds > 0:
         running._poller = asyncio.create_task(repository.poll_forever(settings.repository_poll_seconds))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .model_config import MODEL_FILE, ModelConfig, ModelConfigError
+from .model_files import STRICT, Boundary, check_graph
 
 # Channel count → the PIL mode encoded images are converted to.
 COLOR_MODES = {1: "L", 3: "RGB"}
@@ -31,7 +32,7 @@ class GraphSignature:
     num_classes: int
 
 
-def read_signature(model_path: Path) -> GraphSignature:
+def read_signature(model_path: Path, boundary: Boundary = STRICT) -> GraphSignature:
     """Open the graph with ONNX Runtime (CPU) and read its input/output; a probe run gives the class count.
 
     Raises ModelConfigError naming what the graph has when it is not a one-image-input classifier:
@@ -42,11 +43,14 @@ def read_signature(model_path: Path) -> GraphSignature:
 
     where = f"{model_path}"
     try:
+        data = Path(model_path).read_bytes()
+    except OSError as exc:
+        raise ModelConfigError(f"{where}: cannot read the graph: {exc.strerror or exc}") from None
+    check_graph(Path(model_path), data, boundary)  # external data stays beside the graph
+    try:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        session = ort.InferenceSession(
-            Path(model_path).read_bytes(), sess_options=opts, providers=["CPUExecutionProvider"]
-        )
+        session = ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # any ONNX Runtime load failure becomes a config error with its first line
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelConfigError(f"{where}: cannot read the graph: {text}") from None
@@ -111,6 +115,7 @@ def config_from_signature(name: str, sig: GraphSignature) -> ModelConfig:
     return ModelConfig.from_dict(data)
 
 
-def complete_from_graph(model_dir: Path) -> ModelConfig:
+def complete_from_graph(model_dir: Path, boundary: Boundary = STRICT) -> ModelConfig:
     """The config of a model folder holding only ``<version>/model.onnx``, read from its latest graph."""
-    return config_from_signature(Path(model_dir).name, read_signature(latest_model_file(model_dir)))
+    path = boundary.check(latest_model_file(model_dir), Path(model_dir), "model file")
+    return config_from_signature(Path(model_dir).name, read_signature(path, boundary))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .autocomplete import complete_from_graph
 from .model_config import CONFIG_FILE, ModelConfig, load_config
+from .model_files import STRICT, Boundary
 from .triton_config import PBTXT_FILE, read_pbtxt
 
 log = logging.getLogger(__name__)
@@ -21,17 +22,19 @@ log = logging.getLogger(__name__)
 CONFIG_FILES = (CONFIG_FILE, PBTXT_FILE)
 
 
-def read_model_config(model_dir: Path) -> ModelConfig:
+def read_model_config(model_dir: Path, boundary: Boundary = STRICT) -> ModelConfig:
     """The model folder's config from the first source present; raises ModelConfigError naming the file.
 
     Blocking: completing a bare folder opens its graph with ONNX Runtime; call it off the event loop.
     """
     model_dir = Path(model_dir)
+    for name in CONFIG_FILES:
+        boundary.check(model_dir / name, model_dir, "config file")
     if (model_dir / CONFIG_FILE).is_file():
         if (model_dir / PBTXT_FILE).is_file():
             log.info("model %s: both %s and %s present; %s wins", model_dir.name, CONFIG_FILE, PBTXT_FILE,
                      CONFIG_FILE)
         return load_config(model_dir)
     if (model_dir / PBTXT_FILE).is_file():
-        return read_pbtxt(model_dir)
-    return complete_from_graph(model_dir)
+        return read_pbtxt(model_dir, boundary)
+    return complete_from_graph(model_dir, boundary)

@@ -53,6 +53,12 @@ class Health:
         for name in self.services:
             await self.servicer.set(name, SERVING if serving else NOT_SERVING)
 
+    async def set_ready(self, ready: bool) -> None:
+        """Follow the models' readiness after a load, reload or unload (strict readiness); SERVING still
+        needs the sibling gate open, and the drain latch still wins."""
+        self.loaded = ready
+        await self._publish()
+
     async def drain(self) -> None:
         """Shutdown began: NOT_SERVING everywhere, for good."""
         self.draining = True

@@ -123,13 +123,15 @@ def import_model(
     version: int | None = None,
     force: bool = False,
 ) -> Path:
-    """Verify, then write ``<repository>/<cfg.name>/<version>/model.onnx`` and ``config.json`` atomically.
+    """Verify, then write ``<repository>/<cfg.name>/<version>/model.onnx``, every external-data file the
+    graph names, and ``config.json`` atomically; the staged copy is verified again before it is moved in.
 
     ``version=None`` takes the next free number; an existing version is replaced only with ``force``.
     Returns the written model path. Raises ImportModelError and leaves the repository as it was.
     """
     model_path = Path(model_path)
     verify(model_path, cfg)
+    data_files = external_files(model_path)
     repository = Path(repository)
     try:
         check_writable(repository)
@@ -145,12 +147,27 @@ def import_model(
             f"{target} already exists; pass --force to replace it or choose another --version"
         )
     try:
-        write_entry(model_dir, version, model_path.read_bytes(), cfg)
+        write_entry(
+            model_dir, version, model_path.read_bytes(), cfg, data_files, lambda staged: verify(staged, cfg)
+        )
     except OSError as exc:
         reason = exc.strerror or exc
         raise ImportModelError(f"cannot write model entry under {repository}: {reason}") from None
     log.info("imported %s as %s version %d", model_path, cfg.name, version)
     return target / "model.onnx"
+
+
+def external_files(model_path: Path) -> dict[str, Path]:
+    """Each external-data file the graph names → its path beside the graph (checked like the server does:
+    relative, no '..', no link out). Raises ImportModelError."""
+    from .model_files import Boundary, ModelFileError, check_graph
+
+    boundary = Boundary()
+    try:
+        tensors = check_graph(model_path, model_path.read_bytes(), boundary)
+    except (ModelFileError, OSError) as exc:
+        raise ImportModelError(f"{model_path}: {exc}") from None
+    return {t.location: model_path.parent / t.location for t in tensors}
 
 
 # ---- the command ------------------------------------------------------------------------------------

@@ -298,9 +298,6 @@ class InferenceCore:
         workers = settings.cpu_workers or os.cpu_count() or 1
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="convserve-cpu")
         self.pixels = PixelBudget(settings.decode_pixels_in_flight)
-        self._plans: dict[
-            tuple[ServedModel, tuple[RequestedOutput, ...]], tuple[tuple[RequestedOutput, ...], int]
-        ] = {}
 
     def close(self) -> None:
         """Stop the CPU pool; work already handed to it finishes (it checks its stop flag)."""
@@ -418,14 +415,15 @@ class InferenceCore:
         """The outputs to build (names checked, k resolved, duplicates refused) and the reply bytes each
         image adds, cached per (model version, requested outputs): most requests ask the same thing."""
         wanted = request.outputs(served.cfg) if callable(request.outputs) else request.outputs
-        key = (served, wanted if type(wanted) is tuple else tuple(wanted))
-        plan = self._plans.get(key)
+        key = wanted if type(wanted) is tuple else tuple(wanted)
+        plans = served.plans  # per version, so an unloaded version takes its plans (and nothing else) along
+        plan = plans.get(key)
         if plan is None:
-            plan = self._make_plan(served.cfg, key[1])
-            if len(self._plans) >= 256:  # bounded: reloads and odd requests make new keys
-                self._plans.clear()
-            self._plans[key] = plan
-        return plan
+            plan = self._make_plan(served.cfg, key)
+            if len(plans) >= 256:  # bounded: odd requests make new keys
+                plans.clear()
+            plans[key] = plan
+        return plan  # type: ignore[return-value]
 
     def _make_plan(
         self, cfg: ModelConfig, wanted: tuple[RequestedOutput, ...]

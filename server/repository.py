@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from .config_source import CONFIG_FILES, read_model_config
 from .errors import ConvserveServerError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from .metrics import Metrics
 from .model_config import MODEL_FILE, NAME_PATTERN, ModelConfig, ModelConfigError
+from .model_files import Boundary, ModelFileError
 from .served_model import ModelState, ServedModel
 from .settings import Settings
 
@@ -111,6 +113,10 @@ def parse_version(text: str, where: str = "model_version") -> int:
     return int(text)
 
 
+class RepositoryUnavailableError(RuntimeError):
+    """The model repository is missing or unreadable at start."""
+
+
 class ModelRepository:
     """Every model found at start, each with the versions its policy selects, in a known state."""
 
@@ -118,9 +124,12 @@ class ModelRepository:
         self.root = Path(root)
         self.settings = settings
         self.metrics = metrics
+        self.boundary = Boundary(settings.allow_external_symlinks, self.root)
         self._entries: dict[str, ModelEntry] = {}
         self.loaded = False
         self._lock = asyncio.Lock()  # one load / reload / unload at a time
+        # Called after every load, reload and unload (the server's readiness follows the models).
+        self.on_change: Callable[[], Awaitable[None]] | None = None
         self._settling: dict[
             str, tuple[object, ...]
         ] = {}  # polling: changes seen once, awaiting a second look
@@ -128,6 +137,16 @@ class ModelRepository:
         self.on_control: ControlListener | None = None
 
     # ---- scanning and loading --------------------------------------------------------------------
+
+    def check_root(self) -> None:
+        """Raise RepositoryUnavailableError when the repository is not a folder this process can list."""
+        try:
+            os.listdir(self.root)
+        except OSError as exc:
+            raise RepositoryUnavailableError(
+                f"model repository {self.root}: {exc.strerror or exc} (--wait-for-repository starts anyway "
+                "and serves what repository polling finds later)"
+            ) from None
 
     def scan(self) -> None:
         """Read every model's config and register its selected versions as LOADING (fast, no ONNX)."""
@@ -143,38 +162,20 @@ class ModelRepository:
                 continue
             self._entries[name] = self._scan_model(model_dir)
 
-    def _outside(self, path: Path) -> str:
-        """Why ``path`` may not be served when a symlink leads it outside the repository, else "".
-
-        A repository is what an operator chose to expose; a link out of it (planted or left over) would
-        serve whatever it points at, so it must be allowed explicitly (``allow_external_symlinks``).
-        """
-        if self.settings.allow_external_symlinks:
-            return ""
-        try:
-            path.resolve().relative_to(self.root.resolve())
-        except ValueError:
-            return self._public(
-                f"{path} is a symlink (or lies under one) leading outside the model repository; "
-                "refused unless allow_external_symlinks is set"
-            )
-        except OSError as exc:  # a symlink loop
-            return self._public(f"{path}: cannot resolve: {exc}")
-        return ""
-
     def _read_config(self, model_dir: Path) -> ModelConfig:
-        """The model's config from whichever source defines it; none may lead outside the repository."""
-        for name in CONFIG_FILES:
-            outside = self._outside(model_dir / name)
-            if outside:
-                raise ModelConfigError(outside)
-        return read_model_config(model_dir)
+        """The model's config from whichever source defines it; every file it reads stays in the folder."""
+        self.boundary.check(model_dir, self.root, "model folder")
+        return read_model_config(model_dir, self.boundary)
 
     def _unservable(self, path: Path) -> str:
-        """Why a version's model file cannot be loaded (missing, or outside the repository), else ""."""
+        """Why a version's model file cannot be loaded (missing, or outside its model folder), else ""."""
         if not path.is_file():
-            return self._public(f"no {MODEL_FILE} in {path.parent}")
-        return self._outside(path)
+            return self._public(f"no {path.name} in {path.parent}")
+        try:
+            self.boundary.check(path, path.parent.parent, "model file")
+        except ModelFileError as exc:
+            return self._public(str(exc))
+        return ""
 
     def _scan_model(self, model_dir: Path) -> ModelEntry:
         name = model_dir.name
@@ -233,6 +234,11 @@ class ModelRepository:
                             continue
                         await asyncio.to_thread(sm.load)
             self.loaded = True
+        await self._changed()
+
+    async def _changed(self) -> None:
+        if self.on_change is not None:
+            await self.on_change()
 
     async def stop(self, grace: float | None = None) -> None:
         """Unload every version; queued requests get up to ``grace`` seconds."""
@@ -253,6 +259,7 @@ class ModelRepository:
         validate_model_name(name, where)
         async with self._lock:
             entry = await self._reload(name, where)
+        await self._changed()
         if propagate and self.on_control is not None:
             await self.on_control("load", name, 0)
         return entry
@@ -385,6 +392,7 @@ class ModelRepository:
                 entry.held = True
                 entry.error = "unloaded by a model-control request; LoadModel serves it again"
             await self._retire(targets)
+        await self._changed()
         log.info(
             "model %s: unloaded version(s) %s by request",
             name,
@@ -428,6 +436,7 @@ class ModelRepository:
                 if gone is None:
                     continue
                 await self._retire(list(gone.versions.values()))
+            await self._changed()
             log.info(
                 "model %s: folder removed; unloaded",
                 name,
@@ -457,6 +466,21 @@ class ModelRepository:
     @property
     def any_ready(self) -> bool:
         return any(sm.ready for e in self._entries.values() for sm in e.versions.values())
+
+    def not_ready(self) -> list[str]:
+        """What keeps a strictly ready server from being ready: each model (not unloaded by request)
+        whose config failed or that has a selected version not READY, with the reason."""
+        return [
+            f"{e.name}: {e.describe_failure()}"
+            for e in self._entries.values()
+            if not e.held and (e.error or any(not sm.ready for sm in e.versions.values()))
+        ]
+
+    def ready(self, strict: bool) -> bool:
+        """The server's readiness: every model found ready (``strict``, Triton's default), else any."""
+        if not self.loaded:
+            return False
+        return not self.not_ready() if strict else self.any_ready
 
     def entries(self) -> list[ModelEntry]:
         return list(self._entries.values())

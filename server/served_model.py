@@ -17,6 +17,7 @@ from .errors import DeadlineExpiredError, ModelNotReadyError
 from .metrics import Metrics
 from .model_check import warm_up
 from .model_config import ModelConfig
+from .model_files import Boundary
 from .session import OnnxSession, SessionOptions, inline_options
 from .settings import Settings
 from .stats import ModelStats
@@ -119,6 +120,7 @@ class ServedModel:
         self.cfg = cfg
         self.settings = settings
         self.metrics = metrics
+        self.boundary = Boundary(settings.allow_external_symlinks, Path(settings.model_repository))
         self.state = ModelState.LOADING
         self.reason = ""
         self.provider = ""
@@ -135,6 +137,8 @@ class ServedModel:
         self.lone_session: OnnxSession | None = None  # a cheap model's spinning session for lone runs
         self.inline_run_s = 0.0  # smoothed duration of one inline run
         self.loop_load = LoopLoad()
+        # The inference core's output plans for this version (server/inference.py), freed with it.
+        self.plans: dict[tuple[object, ...], tuple[tuple[object, ...], int]] = {}
         self._pending = 0  # requests of this version waiting on the batcher
         self._reprobe = 0  # single-image requests sent to the batcher while the estimate was near the bound
         self._on_state = on_state
@@ -169,7 +173,7 @@ class ServedModel:
         s = self.settings
         options = SessionOptions.of(s)
         try:
-            session = OnnxSession(self.path, self.cfg, self.providers, options)
+            session = OnnxSession(self.path, self.cfg, self.providers, options, self.boundary)
             warm_up(session.run, self.cfg)  # serves only after real batches give [N, classes] finite values
             cpu_s, wall_s = _median_run_s(session, self.cfg)  # one probe for both decisions below
             if _spins(s, session) and s.spin_above_us < 1e6 * wall_s:
@@ -192,7 +196,7 @@ class ServedModel:
             # intra-op threads costs more than such a model (measured: ~120 µs against ~40 µs for LeNet).
             try:
                 self.inline_session = OnnxSession(
-                    self.path, self.cfg, self.providers, inline_options(options)
+                    self.path, self.cfg, self.providers, inline_options(options), self.boundary
                 )
                 # A fresh session's first runs are slow (allocation, caches): warm it before timing.
                 self.inline_run_s = _median_run_s(self.inline_session, self.cfg, runs=15, warm=10)[0]
@@ -230,7 +234,8 @@ class ServedModel:
     def _spinning_session(self, options: SessionOptions) -> OnnxSession:
         """A warmed-up session whose intra-op threads spin during runs and stop as each run ends."""
         session = OnnxSession(
-            self.path, self.cfg, self.providers, dataclasses.replace(options, spin_during_runs=True)
+            self.path, self.cfg, self.providers, dataclasses.replace(options, spin_during_runs=True),
+            self.boundary,
         )
         warm_up(session.run, self.cfg)
         return session
@@ -264,6 +269,17 @@ class ServedModel:
         self._move(ModelState.UNLOADING)
         if self.batcher is not None:
             await self.batcher.stop(grace)
+        self.release()
+
+    def release(self) -> None:
+        """Drop the sessions and the batcher now rather than when the last reference goes: the batcher's
+        bound ``_run_batch`` makes a reference cycle, and versions loaded at start are frozen out of the
+        cyclic GC (``gc.freeze``), so an unloaded version would keep its ONNX Runtime thread pools and
+        arenas for the process's life. Only after ``unload``: a request still holding this object sees
+        UNLOADING and is refused."""
+        self.batcher = None
+        self.session = self.inline_session = self.lone_session = None
+        self.plans.clear()
 
     def _move(self, state: ModelState) -> None:
         if state not in _ALLOWED[self.state]:

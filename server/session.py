@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .model_config import ModelConfig
+from .model_files import STRICT, Boundary, check_graph
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -132,15 +133,19 @@ class OnnxSession:
         cfg: ModelConfig,
         providers: Sequence[str],
         options: SessionOptions = SessionOptions(),
+        boundary: Boundary = STRICT,
     ) -> None:
         self.path = Path(path)
         self.cfg = cfg
         self.spinning = options.spin_during_runs
         opts = ort_options(options)
         wanted = provider_list(providers)
-        # Read the bytes ourselves: only a regular .onnx file is ever handed to ONNX Runtime.
-        model_bytes = self.path.read_bytes()
-        self._session = ort.InferenceSession(model_bytes, sess_options=opts, providers=wanted)
+        # ONNX Runtime gets the graph's path, so external data resolves beside it (never against the
+        # working directory), and only after every external-data reference was checked (model_files.py).
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: not a regular file")
+        check_graph(self.path, self.path.read_bytes(), boundary)
+        self._session = ort.InferenceSession(str(self.path), sess_options=opts, providers=wanted)
         active = self._session.get_providers()
         self.provider = active[0] if active else "CPUExecutionProvider"
         if self.provider != wanted[0]:

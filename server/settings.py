@@ -27,7 +27,8 @@ class SettingsError(ValueError):
 
 
 def default_model_repository() -> str:
-    """The bundled model_repository/ beside the source tree (editable install), else ./model_repository."""
+    """The bundled model_repository/: beside the source tree (editable install) or the installed package's
+    data (``convserve.model_repository``, the same folder in a wheel); else ./model_repository."""
     bundled = Path(__file__).resolve().parent.parent / "model_repository"
     if bundled.is_dir():
         return str(bundled)
@@ -83,6 +84,14 @@ class Settings:
     )
     allow_model_control: bool = _s(
         False, "enable the LoadModel/UnloadModel RPCs; needs auth (tokens or mTLS) to start"
+    )
+    strict_readiness: bool = _s(
+        True, "ready only while every model found loaded all its selected versions, as Triton does "
+        "(--no-strict-readiness: ready while any version is)"
+    )
+    wait_for_repository: bool = _s(
+        False, "start although the model repository is missing or unreadable and serve what polling "
+        "finds later (off: exit with an error)"
     )
     # Batching defaults (a model's config overrides them)
     max_queue_delay_us: int = _s(0, "default longest wait for a fuller batch, microseconds (0 = never wait)")

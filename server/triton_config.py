@@ -14,6 +14,7 @@ floats) and ``output_kind`` (logits/probabilities) override it.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ from .autocomplete import (
     latest_model_file,
     read_signature,
 )
-from .model_config import ModelConfig, ModelConfigError
+from .model_config import MAX_INPUT_ELEMENTS, MAX_LABEL_BYTES, ModelConfig, ModelConfigError, read_config_text
+from .model_files import STRICT, Boundary
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ ONNX_PLATFORMS = ("", "onnxruntime_onnx")
 ONNX_BACKENDS = ("", "onnxruntime")
 _GPU_KINDS = (mc.ModelInstanceGroup.KIND_GPU,)
 _PARAMETERS = ("mean", "std", "output_kind")
+MAX_RANK = 8
 
 
 # ``field [ ... ]`` (no colon) is valid for known repeated fields, but protobuf's skipper of unknown
@@ -87,24 +90,23 @@ def _unknown_fields(text: str) -> list[str]:
     return unknown
 
 
-def read_pbtxt(model_dir: Path) -> ModelConfig:
+def read_pbtxt(model_dir: Path, boundary: Boundary = STRICT) -> ModelConfig:
     """Read ``<model_dir>/config.pbtxt`` into a validated ModelConfig; ModelConfigError names the field."""
     model_dir = Path(model_dir)
-    path = model_dir / PBTXT_FILE
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ModelConfigError(f"{path}: cannot read config: {exc}") from None
+    path = boundary.check(model_dir / PBTXT_FILE, model_dir, "config file")
+    text = read_config_text(path)
     msg, unknown = parse_pbtxt(text, str(path))
     if unknown:
         log.warning(
             "%s: field(s) %s are not read by convserve; ignored", path, ", ".join(unknown),
             extra={"fields": {"event": "config_fields_ignored", "model": model_dir.name}},
         )
-    return to_model_config(msg, model_dir, str(path))
+    return to_model_config(msg, model_dir, str(path), boundary)
 
 
-def to_model_config(msg: mc.ModelConfig, model_dir: Path, where: str) -> ModelConfig:
+def to_model_config(
+    msg: mc.ModelConfig, model_dir: Path, where: str, boundary: Boundary = STRICT
+) -> ModelConfig:
     """Triton's ModelConfig (as read from config.pbtxt) → ours; the graph fills what the file leaves out."""
     name = msg.name or model_dir.name
     if name != model_dir.name:
@@ -117,6 +119,7 @@ def to_model_config(msg: mc.ModelConfig, model_dir: Path, where: str) -> ModelCo
     max_batch_size = msg.max_batch_size
     if max_batch_size < 0:
         raise ModelConfigError(f"{where}: max_batch_size must be >= 0, got {max_batch_size}")
+    _check_dims(msg, where)
     if max_batch_size == 0:
         msg, max_batch_size = _explicit_batch(msg, where)
     if len(msg.input) > 1 or len(msg.output) > 1:
@@ -125,18 +128,23 @@ def to_model_config(msg: mc.ModelConfig, model_dir: Path, where: str) -> ModelCo
         )
     sig = None
     if not msg.input or not msg.output or any(d < 0 for t in (*msg.input, *msg.output) for d in t.dims):
-        sig = read_signature(latest_model_file(model_dir))
+        graph = boundary.check(latest_model_file(model_dir), model_dir, "model file")
+        sig = read_signature(graph, boundary)
     input_name, (c, h, w) = _input(msg, sig, where)
     output_name, num_classes = _output(msg, sig, where)
     params = {k: v.string_value for k, v in msg.parameters.items()}
     mean = _floats(params.get("mean"), c, 0.0, f"{where}: parameters['mean']")
     std = _floats(params.get("std"), c, 1.0, f"{where}: parameters['std']")
-    labels = _labels(msg, model_dir, num_classes, where)
+    labels = _labels(msg, model_dir, num_classes, where, boundary)
     data = {
         "name": name,
         "platform": "onnxruntime_onnx",
         "input": {"name": input_name, "shape": [c, h, w]},
-        "output": {"name": output_name, "kind": params.get("output_kind", "logits")},
+        "output": {
+            "name": output_name,
+            "kind": params.get("output_kind", "logits"),
+            "label_filename": msg.output[0].label_filename if msg.output else "",
+        },
         "preprocessing": {"color_mode": COLOR_MODES.get(c, "?"), "resize": [h, w], "mean": mean, "std": std},
         "labels": labels,
         "max_batch_size": max_batch_size,
@@ -152,6 +160,27 @@ def to_model_config(msg: mc.ModelConfig, model_dir: Path, where: str) -> ModelCo
         return ModelConfig.from_dict(data)
     except ModelConfigError as exc:
         raise ModelConfigError(f"{where}: {exc}") from None
+
+
+def _check_dims(msg: mc.ModelConfig, where: str) -> None:
+    """Triton's dims: -1 is the one variable size, every other dim positive; a rank and an element count
+    no image classifier exceeds (the graph and ``ModelConfig.validate`` check the exact shapes later)."""
+    for kind, tensors in (("input", msg.input), ("output", msg.output)):
+        for t in tensors:
+            dims = list(t.dims)
+            if len(dims) > MAX_RANK:
+                raise ModelConfigError(f"{where}: {kind} {t.name!r} has rank {len(dims)}; at most {MAX_RANK}")
+            bad = [d for d in dims if d != -1 and d <= 0]
+            if bad:
+                raise ModelConfigError(
+                    f"{where}: {kind} {t.name!r} dims {dims}: expected -1 (variable) or a positive size, "
+                    f"got {bad[0]}"
+                )
+            fixed = math.prod(d for d in dims if d > 0)
+            if fixed > MAX_INPUT_ELEMENTS:
+                raise ModelConfigError(
+                    f"{where}: {kind} {t.name!r} dims {dims} hold more than {MAX_INPUT_ELEMENTS} elements"
+                )
 
 
 def _explicit_batch(msg: mc.ModelConfig, where: str) -> tuple[mc.ModelConfig, int]:
@@ -207,7 +236,9 @@ def _output(msg: mc.ModelConfig, sig: GraphSignature | None, where: str) -> tupl
     return t.name, sig.num_classes if dims[0] < 0 else dims[0]
 
 
-def _labels(msg: mc.ModelConfig, model_dir: Path, num_classes: int, where: str) -> list[str]:
+def _labels(
+    msg: mc.ModelConfig, model_dir: Path, num_classes: int, where: str, boundary: Boundary
+) -> list[str]:
     filename = msg.output[0].label_filename if msg.output else ""
     if not filename:
         return [str(i) for i in range(num_classes)]
@@ -215,9 +246,10 @@ def _labels(msg: mc.ModelConfig, model_dir: Path, num_classes: int, where: str) 
         raise ModelConfigError(
             f"{where}: label_filename must be a file in the model folder, got {filename!r}"
         )
+    path = boundary.named_file(filename, model_dir, f"{where}: label_filename")
     try:
-        labels = [ln.strip() for ln in (model_dir / filename).read_text(encoding="utf-8").splitlines()]
-    except (OSError, UnicodeDecodeError) as exc:
+        labels = [ln.strip() for ln in read_config_text(path, MAX_LABEL_BYTES).splitlines()]
+    except ModelConfigError as exc:
         raise ModelConfigError(f"{where}: cannot read label_filename {filename!r}: {exc}") from None
     labels = [ln for ln in labels if ln]
     if len(labels) != num_classes:

@@ -60,7 +60,14 @@ def model_config(cfg: ModelConfig, settings: Settings, provider: str = "") -> mc
                 dims=list(cfg.input.shape),
             )
         ],
-        output=[mc.ModelOutput(name=cfg.output.name, data_type=mc.TYPE_FP32, dims=[cfg.num_classes])],
+        output=[
+            mc.ModelOutput(
+                name=cfg.output.name,
+                data_type=mc.TYPE_FP32,
+                dims=[cfg.num_classes],
+                label_filename=cfg.output.label_filename,
+            )
+        ],
         instance_group=[
             mc.ModelInstanceGroup(
                 name=f"{cfg.name}_0",

@@ -28,6 +28,7 @@ import asyncio
 import io
 import json
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -220,6 +221,20 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_repository(tmp_path_factory.mktemp("model_repository"))
 
 
+# The models of the shared repository that fail to load on purpose.
+BROKEN_MODELS = ("mismatch", "broken_onnx", "bad_config", "no_file")
+
+
+@pytest.fixture(scope="session")
+def ready_repository(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared repository without its broken models: a server with strict readiness gets ready."""
+    root = tmp_path_factory.mktemp("ready_repository")
+    for folder in model_repository.iterdir():
+        if folder.name not in BROKEN_MODELS:
+            shutil.copytree(folder, root / folder.name, symlinks=True)
+    return root
+
+
 # ---- in-process servers ---------------------------------------------------------------------------------
 
 
@@ -312,6 +327,9 @@ def test_settings(model_repository: Path, **overrides: Any) -> Any:
         "metrics_port": 0,
         "model_repository": str(model_repository),
         "drain_grace_seconds": 2.0,
+        # The shared repository holds broken models on purpose (failure reporting): serve the others.
+        # Strict readiness, the default, has its own tests.
+        "strict_readiness": False,
     }
     values.update(overrides)
     return Settings(**values)

@@ -84,7 +84,7 @@ def test_sdk_in_a_fresh_venv(
 ) -> None:
     extra = ("tritonclient[grpc]",) if with_triton else ()
     python = _fresh_venv(tmp_path / "venv", str(sdk_wheel), *extra)
-    server = server_process("--model-repository", str(model_repository))
+    server = server_process("--model-repository", str(model_repository), "--no-strict-readiness")
     pixels = np.random.default_rng(3).integers(0, 256, (16, 16, 3), dtype=np.uint8)
     png = tmp_path / "image.png"
     png.write_bytes(encode_png(pixels))

@@ -94,3 +94,26 @@ def test_metadata_declares_an_osi_license_and_classifiers() -> None:
     assert minimum is not None
     versions = [int(c.rsplit(".", 1)[1]) for c in classifiers if re.fullmatch(r".*Python :: 3\.\d+", c)]
     assert versions and min(versions) == int(minimum[1])  # classifiers start where Requires-Python does
+
+
+def test_the_wheel_carries_the_bundled_model(tmp_path: Path) -> None:
+    """A bare `convserve serve` from a wheel serves the bundled digits model: it is package data."""
+    import shutil
+
+    # A clean copy: setuptools would reuse a stale build/ folder of the working tree.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "*.egg-info", "__pycache__", ".*_cache"))  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
+         str(source)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    import zipfile
+
+    (wheel,) = tmp_path.glob("convserve-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    files = [p for p in (ROOT / "model_repository").rglob("*") if p.is_file()]
+    bundled = {f"convserve/{p.relative_to(ROOT).as_posix()}" for p in files}
+    assert bundled and bundled <= names, sorted(bundled - names)

@@ -273,7 +273,7 @@ def _train_only_modules() -> list[str]:
     return sorted(modules)
 
 
-def test_serve_and_health_work_without_the_train_extra(model_repository: Path, tmp_path: Path) -> None:
+def test_serve_and_health_work_without_the_train_extra(ready_repository: Path, tmp_path: Path) -> None:
     """The serving image has no torch: `convserve serve` and the healthcheck run with every train-only
     package made unimportable (the entrypoint and HEALTHCHECK commands, in a subprocess each)."""
     runner = tmp_path / "convserve_without_train.py"
@@ -300,7 +300,7 @@ def test_serve_and_health_work_without_the_train_extra(model_repository: Path, t
         "--port-file",
         str(port_file),
         "--model-repository",
-        str(model_repository),
+        str(ready_repository),
     ]
     with open(log, "wb") as out:
         server = subprocess.Popen(serve, stdout=out, stderr=subprocess.STDOUT)

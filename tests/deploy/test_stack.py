@@ -175,12 +175,12 @@ async def _load(address: str, model: str, shape: tuple[int, ...]) -> int:
 
 
 def test_stack_balances_calls_over_both_replicas_and_prometheus_scrapes_both(
-    run_stack: ModuleType, system_binary: Any, model_repository: Path, tmp_path: Path
+    run_stack: ModuleType, system_binary: Any, ready_repository: Path, tmp_path: Path
 ) -> None:
     system_binary("nginx", "/usr/sbin/nginx")
     system_binary("prometheus", "/usr/bin/prometheus")
     with run_stack.run_stack(
-        tmp_path / "stack", replicas=2, model_repository=model_repository, scrape_interval="1s", timeout=45
+        tmp_path / "stack", replicas=2, model_repository=ready_repository, scrape_interval="1s", timeout=45
     ) as stack:
         model, shape = _ready_model(stack.lb_address)
         before = [_ok_requests(r.metrics_address, model) for r in stack.replicas]
@@ -212,7 +212,7 @@ def test_stack_balances_calls_over_both_replicas_and_prometheus_scrapes_both(
 
 
 def test_make_stack_command_runs_until_interrupted_then_stops_everything(
-    system_binary: Any, model_repository: Path, tmp_path: Path
+    system_binary: Any, ready_repository: Path, tmp_path: Path
 ) -> None:
     """`python scripts/run_stack.py` (the `make stack` recipe): prints its addresses, serves, and on
     Ctrl-C (SIGINT) exits 0 with every port it opened closed again."""
@@ -227,7 +227,7 @@ def test_make_stack_command_runs_until_interrupted_then_stops_everything(
         "--prometheus-port",
         "0",
         "--model-repository",
-        str(model_repository),
+        str(ready_repository),
         "--workdir",
         str(tmp_path / "stack"),
     ]

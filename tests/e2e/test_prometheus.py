@@ -54,7 +54,8 @@ def convserve_server(
 ) -> Iterator[ServerProcess]:
     """`python -m convserve.server` on ephemeral loopback ports, JSON logs with the access log, to a file."""
     tmp = tmp_path_factory.mktemp("convserve")
-    flags = ["--model-repository", str(model_repository), "--log-format", "json", "--access-log"]
+    flags = ["--model-repository", str(model_repository), "--no-strict-readiness"]
+    flags += ["--log-format", "json", "--access-log"]
     with start_server_process(flags, tmp, cwd=tmp, wait=False) as server:
         model, version, shape = _wait_for_model(server.address, timeout=60.0)
         yield ServerProcess(server.address, str(server.metrics_url), model, version, shape, server.log_path)

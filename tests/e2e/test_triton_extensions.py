@@ -122,6 +122,7 @@ def test_tritonclient_model_config_repository_and_unserved_extensions(
     server = server_process(
         "--model-repository",
         str(model_repository),
+        "--no-strict-readiness",
         "--allow-model-control",
         "--auth-token-file",
         str(tmp_path / "tokens"),

@@ -79,7 +79,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 def test_tritonclient_drives_our_server(
     server_process: Any, model_repository: Path, run_reference: Any, tmp_path: Path
 ) -> None:
-    server = server_process("--model-repository", str(model_repository))
+    server = server_process("--model-repository", str(model_repository), "--no-strict-readiness")
     x = np.random.default_rng(0).normal(size=(8, 3, 16, 16)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     done = subprocess.run(

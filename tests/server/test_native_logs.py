@@ -33,7 +33,8 @@ def test_every_line_of_a_json_server_log_is_json_onnx_runtime_included(
     model_repository: Path, tmp_path: Path
 ) -> None:
     # At DEBUG the server lets ONNX Runtime speak at INFO: its session set-up lines go to stderr.
-    flags = ["--model-repository", str(model_repository), "--log-format", "json", "--log-level", "DEBUG"]
+    flags = ["--model-repository", str(model_repository), "--no-strict-readiness"]
+    flags += ["--log-format", "json", "--log-level", "DEBUG"]
     # An unwritable home: ONNX Runtime's import warns that it cannot persist its telemetry id (as in the
     # image, whose user has no home), before any server code runs.
     server = start_server_process(flags, tmp_path, env={"HOME": "/proc/convserve-no-home"})

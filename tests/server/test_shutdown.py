@@ -38,6 +38,7 @@ def test_provider_fallback_and_graceful_sigterm(
     server = server_process(
         "--model-repository",
         str(model_repository),
+        "--no-strict-readiness",
         "--execution-providers",
         "cuda,tensorrt,cpu",
         "--drain-grace-seconds",
