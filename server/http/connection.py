@@ -24,7 +24,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from ..errors import InvalidInputError, failure
 from ..interceptors import CallInfo, Edge, error_status
-from ..logging_setup import new_request_id
+from ..logging_setup import REQUEST_ID_KEY, new_request_id
 from .edge import json_error
 
 __all__ = ["PipelinedRunner"]
@@ -102,6 +102,7 @@ class PipelinedHandler(RequestHandler):
         error_status(exc, call, 0.0, peer)
         self._edge.access(call, f.code.name, start)
         response = json_error(f.http_status, f.message)
+        response.headers[REQUEST_ID_KEY] = call.request_id
         response.force_close()
         return response
 
