@@ -96,11 +96,12 @@ class Routes:
         return json_response({"live": True})
 
     async def ready(self, request: web.Request) -> web.Response:
-        """200 once models are loaded; 503 before that and for good once draining (probes, no log line)."""
+        """200 ``{"ready": true}`` once models are loaded; 400 ``{"ready": false, "error": why}`` before
+        that and for good once draining: the Open Inference Protocol's 4xx for false (probes, no log line)."""
         if self.health.serving:
             return json_response({"ready": True})
         why = "shutting down" if self.health.draining else "no model version is ready yet (loading or failed)"
-        return json_error(503, f"server is not ready: {why}")
+        return json_response({"ready": False, "error": f"server is not ready: {why}"}, 400)
 
     async def model_ready(self, request: web.Request) -> web.Response:
         """200 ``{"name", "ready": true}``; 400 naming why when not ready, unknown models and versions

@@ -15,6 +15,7 @@ from ..inference import InferenceCore
 from ..interceptors import Edge
 from ..services.inference_v2 import InferenceService
 from ..settings import Settings
+from .connection import PipelinedRunner
 from .edge import RestEdge
 from .routes import Routes
 
@@ -78,7 +79,10 @@ async def start_http(
     app = web.Application(middlewares=[RestEdge(edge, tokens).middleware], client_max_size=limit)
     Routes(v2, core, health, limit).add_to(app)
     # handler_cancellation: a client that disconnects cancels its handler, and so its work in the core.
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=_CLEANUP_S)
+    # PipelinedRunner: pipelined requests before a malformed one are answered, parser errors in v2 JSON.
+    runner = PipelinedRunner(
+        app, edge, access_log=None, handler_cancellation=True, shutdown_timeout=_CLEANUP_S
+    )
     await runner.setup()
     try:
         site = web.TCPSite(

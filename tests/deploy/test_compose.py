@@ -209,7 +209,7 @@ def test_load_balancer_publishes_grpc_and_rest_and_balances_the_replicas_by_dns_
     assert template[template.index("resolvers") + 1] == "docker" and "check" in template
     assert ["balance", "roundrobin"] in rest
     # Its health check asks readiness, which the server answers without a token and while draining
-    # (503 then), so a draining replica leaves the rotation.
+    # (400 then), so a draining replica leaves the rotation.
     (check,) = [w for w in rest if w[:2] == ["option", "httpchk"]]
     method, path = check[2:]
     assert method == "GET" and rest_route(path) == ("ready", True, True)

@@ -103,7 +103,7 @@ def test_probes_ask_the_v2_rest_health_endpoints(
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports.get(get["port"], get["port"]) == settings.http_port  # a named port resolves to the REST one
     # The route the server serves there: answered without a token (probes carry none, whatever the token
-    # settings) and while draining (readiness then says 503, so endpoints drop the pod).
+    # settings) and while draining (readiness then says 400, so endpoints drop the pod).
     assert rest_route(get["path"]) == (route, True, True)
     # The REST port speaks HTTPS exactly when the server has a certificate.
     assert get.get("scheme", "HTTP") == ("HTTPS" if settings.tls_enabled else "HTTP")

@@ -343,8 +343,10 @@ def test_draining_reads_not_ready_and_refuses_new_work_with_503(server_factory: 
     rest = handle.http_url
     handle.call(handle.running.health.drain())
     assert get(f"{rest}/v2/health/live").status == 200
+    # Not ready is the protocol's 4xx, with the readiness body KServe's client reads and the error's why.
     ready = get(f"{rest}/v2/health/ready")
-    assert ready.status == 503 and "shutting down" in ready.error
+    assert ready.status == 400 and ready.json()["ready"] is False and "shutting down" in ready.error
+    assert ready.headers["Content-Type"].startswith("application/json")
     draining = get(f"{rest}/v2/models/gray/ready")
     assert draining.status == 400 and "shutting down" in draining.error
     refused = post_json(f"{rest}/v2/models/gray/infer", {"inputs": [_json_input(_batch(1, 12))]})
@@ -361,7 +363,8 @@ def test_rest_answers_before_models_load_and_reads_not_ready_until_then(server_f
     rest = handle.http_url
     assert get(f"{rest}/v2/health/live").status == 200
     ready = get(f"{rest}/v2/health/ready")
-    assert ready.status == 503 and "no model version is ready yet" in ready.error
+    assert ready.status == 400 and ready.json()["ready"] is False
+    assert "no model version is ready yet" in ready.error
     early = post_json(f"{rest}/v2/models/gray/infer", {"inputs": [_json_input(_batch(1, 13))]})
     assert early.status == 503 and "gray" in early.error
     handle.call(handle.running.load_models())
