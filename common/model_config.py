@@ -202,7 +202,7 @@ def read_config_text(path: Path, limit: int = MAX_CONFIG_BYTES) -> str:
         with open(path, "rb") as f:
             data = f.read(limit + 1)
     except FileNotFoundError:
-        raise ModelConfigError(f"{path}: no such file in the model folder") from None
+        raise ModelConfigError(f"no {path.name} in {path.parent}") from None
     except OSError as exc:
         raise ModelConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if len(data) > limit:

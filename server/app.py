@@ -34,7 +34,7 @@ from .inference import InferenceCore
 from .interceptors import Edge, TokenAuthInterceptor, read_tokens
 from .memory import HeapTrimmer
 from .metrics import Metrics
-from .repository import ModelRepository
+from .repository import ModelRepository, RepositoryUnavailableError, check_root
 from .services import classify, inference_v2
 from .settings import Settings
 from .sockets import shut_down_port
@@ -384,6 +384,14 @@ def serve_forever(settings: Settings) -> int:
     workers = settings.workers or usable_cores()
     if workers > 1:
         from .supervisor import supervise
+
+        # Checked once here, so a missing repository is one error line, not one per worker.
+        if not settings.wait_for_repository:
+            try:
+                check_root(settings.model_repository)
+            except RepositoryUnavailableError as exc:
+                log.error("cannot start the server: %s", exc)
+                return 1
 
         return asyncio.run(supervise(settings, workers))
     return run_event_loop(settings, _serve(settings))

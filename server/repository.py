@@ -117,6 +117,17 @@ class RepositoryUnavailableError(RuntimeError):
     """The model repository is missing or unreadable at start."""
 
 
+def check_root(root: Path) -> None:
+    """Raise RepositoryUnavailableError when ``root`` is not a folder this process can list."""
+    try:
+        os.listdir(root)
+    except OSError as exc:
+        raise RepositoryUnavailableError(
+            f"model repository {root}: {exc.strerror or exc} (--wait-for-repository starts anyway "
+            "and serves what repository polling finds later)"
+        ) from None
+
+
 class ModelRepository:
     """Every model found at start, each with the versions its policy selects, in a known state."""
 
@@ -140,13 +151,7 @@ class ModelRepository:
 
     def check_root(self) -> None:
         """Raise RepositoryUnavailableError when the repository is not a folder this process can list."""
-        try:
-            os.listdir(self.root)
-        except OSError as exc:
-            raise RepositoryUnavailableError(
-                f"model repository {self.root}: {exc.strerror or exc} (--wait-for-repository starts anyway "
-                "and serves what repository polling finds later)"
-            ) from None
+        check_root(self.root)
 
     def scan(self) -> None:
         """Read every model's config and register its selected versions as LOADING (fast, no ONNX)."""

@@ -182,6 +182,7 @@ REPOSITORY_MODELS: dict[str, tuple[dict[str, Any], dict[int, dict[str, Any]]]] =
     # config lists 5 labels but the graph has 4 classes → failed, the others serve.
     "mismatch": ({"classes": 5}, {1: {"seed": 12, "classes": 4}}),
 }
+# The models of the shared repository that fail to load on purpose.
 BROKEN_MODELS = ("mismatch", "broken_onnx", "bad_config", "no_file")
 
 
@@ -219,10 +220,6 @@ def build_repository(root: Path) -> Path:
 @pytest.fixture(scope="session")
 def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_repository(tmp_path_factory.mktemp("model_repository"))
-
-
-# The models of the shared repository that fail to load on purpose.
-BROKEN_MODELS = ("mismatch", "broken_onnx", "bad_config", "no_file")
 
 
 @pytest.fixture(scope="session")

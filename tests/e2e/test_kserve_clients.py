@@ -63,9 +63,9 @@ asyncio.run(main())
 
 
 def test_kserve_clients_drive_our_server(
-    server_process: Any, model_repository: Path, run_reference: Any, tmp_path: Path
+    server_process: Any, ready_repository: Path, run_reference: Any, tmp_path: Path
 ) -> None:
-    server = server_process("--model-repository", str(model_repository))
+    server = server_process("--model-repository", str(ready_repository))
     x = np.random.default_rng(5).normal(size=(4, 3, 16, 16)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     done = subprocess.run(
@@ -79,7 +79,7 @@ def test_kserve_clients_drive_our_server(
     for api in ("rest", "grpc"):
         assert seen[f"{api}_live"] is True and seen[f"{api}_ready"] is True, seen
         assert seen[f"{api}_model_ready"] is True and seen[f"{api}_unknown_ready"] is False, seen
-    reference = run_reference(model_repository / "rgb" / "1" / "model.onnx", x)
+    reference = run_reference(ready_repository / "rgb" / "1" / "model.onnx", x)
     for key, rid in (("rest_binary_False", "rest id #False"), ("rest_binary_True", "rest id #True"),
                      ("grpc", "grpc id {1}")):  # fmt: skip
         got_id, logits = seen[key]
