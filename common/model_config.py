@@ -149,6 +149,8 @@ class ModelConfig:
     # training split and gates on its held-out split.
     training_data: str = ""
     quantized: tuple[QuantizedVersion, ...] = ()
+    # The graph's file name inside each version folder (Triton's default_model_filename).
+    default_model_filename: str = MODEL_FILE
 
     @property
     def num_classes(self) -> int:
@@ -185,6 +187,7 @@ class ModelConfig:
                 training_data=str(data.get("training_data", "")),
                 quantized=tuple(_build(QuantizedVersion, q, tuples=("float_nodes",))
                                 for q in data.get("quantized", ())),
+                default_model_filename=str(data.get("default_model_filename", MODEL_FILE)),
             )
         except KeyError as exc:
             raise ModelConfigError(f"model config is missing required field {exc}") from None
@@ -315,6 +318,10 @@ def _problems(cfg: ModelConfig) -> list[str]:
     q_versions = [q.version for q in cfg.quantized]
     if any(not isinstance(v, int) or v < 1 for v in q_versions) or len(set(q_versions)) != len(q_versions):
         p.append(f"quantized[].version must be distinct positive integers, got {q_versions}")
+    f = cfg.default_model_filename
+    if f in ("", ".", "..") or "/" in f or "\\" in f or "\x00" in f:
+        p.append(f"default_model_filename must be a file name inside the version folder (no '/', not '..'), "
+                 f"got {f!r}")
     bad = [x for x in cfg.execution_providers if x not in PROVIDERS]
     if bad:
         p.append(f"execution_providers must be among {PROVIDERS}, got {bad}")

@@ -1,6 +1,7 @@
 """Triton's ``config.pbtxt`` for ONNX models, read with protobuf's text format into our one ModelConfig.
 
-Read: name, platform/backend (ONNX Runtime only), max_batch_size (0: the dims carry the batch dimension,
+Read: name, platform/backend (ONNX Runtime only), default_model_filename (the graph's name in each version
+folder), max_batch_size (0: the dims carry the batch dimension,
 which is stripped, and requests are not merged), one input (FP32, NCHW, dims [C, H, W]) and one output
 (FP32, dims [K], label_filename), dynamic_batching (max_queue_delay_microseconds, preferred_batch_size,
 default_queue_policy.max_queue_size; without it each request runs alone, as in Triton), instance_group
@@ -16,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from convserve.protos.inference import model_config_pb2 as mc
@@ -29,7 +30,14 @@ from .autocomplete import (
     latest_model_file,
     read_signature,
 )
-from .model_config import MAX_INPUT_ELEMENTS, MAX_LABEL_BYTES, ModelConfig, ModelConfigError, read_config_text
+from .model_config import (
+    MAX_INPUT_ELEMENTS,
+    MAX_LABEL_BYTES,
+    MODEL_FILE,
+    ModelConfig,
+    ModelConfigError,
+    read_config_text,
+)
 from .model_files import STRICT, Boundary
 
 log = logging.getLogger(__name__)
@@ -126,9 +134,15 @@ def to_model_config(
         raise ModelConfigError(
             f"{where}: expected one input and one output, got {len(msg.input)} and {len(msg.output)}"
         )
+    filename = msg.default_model_filename or MODEL_FILE
+    if filename in (".", "..") or PurePosixPath(filename).name != filename or "\\" in filename:
+        raise ModelConfigError(
+            f"{where}: default_model_filename must be a file name inside the version folder "
+            f"(no '/', not '..'), got {filename!r}"
+        )
     sig = None
     if not msg.input or not msg.output or any(d < 0 for t in (*msg.input, *msg.output) for d in t.dims):
-        graph = boundary.check(latest_model_file(model_dir), model_dir, "model file")
+        graph = boundary.check(latest_model_file(model_dir, filename, PBTXT_FILE), model_dir, "model file")
         sig = read_signature(graph, boundary)
     input_name, (c, h, w) = _input(msg, sig, where)
     output_name, num_classes = _output(msg, sig, where)
@@ -150,6 +164,7 @@ def to_model_config(
         "max_batch_size": max_batch_size,
         "batching": _batching(msg),
         "version_policy": _version_policy(msg.version_policy),
+        "default_model_filename": filename,
     }
     kinds = {g.kind for g in msg.instance_group}
     if kinds and kinds <= set(_GPU_KINDS):

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from convserve.protos.inference import grpc_service_pb2 as pb
 from convserve.protos.inference import model_config_pb2 as mc
 
-from .model_config import MODEL_FILE, ModelConfig
+from .model_config import ModelConfig
 from .repository import ModelEntry
 from .served_model import ModelState
 from .settings import Settings
@@ -51,7 +51,7 @@ def model_config(cfg: ModelConfig, settings: Settings, provider: str = "") -> mc
         platform=PLATFORM if cfg.platform in ("", PLATFORM) else cfg.platform,
         backend=BACKEND,
         max_batch_size=cfg.max_batch_size,
-        default_model_filename=MODEL_FILE,
+        default_model_filename=cfg.default_model_filename,
         input=[
             mc.ModelInput(
                 name=cfg.input.name,
