@@ -151,10 +151,19 @@ class ModelConfig:
     quantized: tuple[QuantizedVersion, ...] = ()
     # The graph's file name inside each version folder (Triton's default_model_filename).
     default_model_filename: str = MODEL_FILE
+    # Triton's max_batch_size 0: the model has no batch dimension of its own. Its input is exactly
+    # [batch_dim, C, H, W] (batch_dim 1 when max_batch_size is 1, else -1: any count up to it) and each
+    # request runs alone, never merged or split. Clients are told max_batch_size 0.
+    unbatched: bool = False
 
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def batch_dim(self) -> int:
+        """The input's first dim as clients see it: 1 for an unbatched model taking one image, else -1."""
+        return 1 if self.unbatched and self.max_batch_size == 1 else -1
 
     def validate(self) -> ModelConfig:
         """Raise ModelConfigError naming the first field that is wrong; return self."""
@@ -188,6 +197,7 @@ class ModelConfig:
                 quantized=tuple(_build(QuantizedVersion, q, tuples=("float_nodes",))
                                 for q in data.get("quantized", ())),
                 default_model_filename=str(data.get("default_model_filename", MODEL_FILE)),
+                unbatched=bool(data.get("unbatched", False)),
             )
         except KeyError as exc:
             raise ModelConfigError(f"model config is missing required field {exc}") from None
@@ -310,6 +320,9 @@ def _problems(cfg: ModelConfig) -> list[str]:
         p.append("batching.max_queue_size must be >= 1")
     if b.instances is not None and not 1 <= b.instances <= 64:
         p.append("batching.instances must be in 1..64")
+    if cfg.unbatched and b.enabled:
+        p.append("unbatched: a model without a batch dimension runs each request alone; "
+                 "batching.enabled must be false")
     if any(not 1 <= s <= cfg.max_batch_size for s in b.preferred_batch_sizes):
         p.append("batching.preferred_batch_sizes must lie in 1..max_batch_size")
     vp = cfg.version_policy

@@ -1,9 +1,9 @@
 """Triton's ``config.pbtxt`` for ONNX models, read with protobuf's text format into our one ModelConfig.
 
 Read: name, platform/backend (ONNX Runtime only), default_model_filename (the graph's name in each version
-folder), max_batch_size (0: the dims carry the batch dimension,
-which is stripped, and requests are not merged), one input (FP32, NCHW, dims [C, H, W]) and one output
-(FP32, dims [K], label_filename), dynamic_batching (max_queue_delay_microseconds, preferred_batch_size,
+folder), max_batch_size (0: the dims carry the batch dimension, which requests must match exactly, and
+each request runs alone), one input (FP32, NCHW, dims [C, H, W]) and one output (FP32, dims [K],
+label_filename), dynamic_batching (max_queue_delay_microseconds, preferred_batch_size,
 default_queue_policy.max_queue_size; without it each request runs alone, as in Triton), instance_group
 (counts summed; KIND_GPU/KIND_CPU pick the provider), version_policy. Input or output left out, or dims of
 -1, are completed from the graph. Everything else Triton knows (optimization, model_warmup, sequence
@@ -128,7 +128,8 @@ def to_model_config(
     if max_batch_size < 0:
         raise ModelConfigError(f"{where}: max_batch_size must be >= 0, got {max_batch_size}")
     _check_dims(msg, where)
-    if max_batch_size == 0:
+    unbatched = max_batch_size == 0
+    if unbatched:
         msg, max_batch_size = _explicit_batch(msg, where)
     if len(msg.input) > 1 or len(msg.output) > 1:
         raise ModelConfigError(
@@ -165,6 +166,7 @@ def to_model_config(
         "batching": _batching(msg),
         "version_policy": _version_policy(msg.version_policy),
         "default_model_filename": filename,
+        "unbatched": unbatched,
     }
     kinds = {g.kind for g in msg.instance_group}
     if kinds and kinds <= set(_GPU_KINDS):
@@ -199,8 +201,9 @@ def _check_dims(msg: mc.ModelConfig, where: str) -> None:
 
 
 def _explicit_batch(msg: mc.ModelConfig, where: str) -> tuple[mc.ModelConfig, int]:
-    """max_batch_size 0: Triton's dims then include the batch dimension; convserve's never do. Strip it:
-    -1 (any batch) serves up to the default batch size, 1 one image per run; requests are not merged."""
+    """max_batch_size 0: Triton's dims then include the batch dimension; ModelConfig's input.shape never
+    does. Strip it into max_batch_size: -1 (any count) serves up to the default batch size, 1 exactly one
+    image; the config is marked unbatched, so requests are checked against the dims and run alone."""
     out = mc.ModelConfig()
     out.CopyFrom(msg)
     out.ClearField("dynamic_batching")
