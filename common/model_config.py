@@ -233,6 +233,8 @@ def load_config(model_dir: Path) -> ModelConfig:
         data = json.loads(read_config_text(path))
     except json.JSONDecodeError as exc:
         raise ModelConfigError(f"{path}: cannot read config: {exc}") from None
+    except RecursionError:  # the decoder recurses per nesting level; a real config nests a few levels
+        raise ModelConfigError(f"{path}: nested too deeply to be a model config") from None
     cfg = ModelConfig.from_dict(data)
     if cfg.name != Path(model_dir).name:
         raise ModelConfigError(f"{path}: name '{cfg.name}' differs from folder name '{Path(model_dir).name}'")

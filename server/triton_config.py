@@ -63,6 +63,8 @@ def parse_pbtxt(text: str, where: str) -> tuple[mc.ModelConfig, list[str]]:
         text_format.Parse(text, msg, allow_unknown_field=True)
     except text_format.ParseError as exc:
         raise ModelConfigError(f"{where}: not a Triton model config: {exc}") from None
+    except RecursionError:  # the parser recurses per nested message; a real config nests a few levels
+        raise ModelConfigError(f"{where}: nested too deeply to be a Triton model config") from None
     return msg, _unknown_fields(text)
 
 
