@@ -149,10 +149,21 @@ class ModelConfig:
     # training split and gates on its held-out split.
     training_data: str = ""
     quantized: tuple[QuantizedVersion, ...] = ()
+    # The graph's file name inside each version folder (Triton's default_model_filename).
+    default_model_filename: str = MODEL_FILE
+    # Triton's max_batch_size 0: the model has no batch dimension of its own. Its input is exactly
+    # [batch_dim, C, H, W] (batch_dim 1 when max_batch_size is 1, else -1: any count up to it) and each
+    # request runs alone, never merged or split. Clients are told max_batch_size 0.
+    unbatched: bool = False
 
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def batch_dim(self) -> int:
+        """The input's first dim as clients see it: 1 for an unbatched model taking one image, else -1."""
+        return 1 if self.unbatched and self.max_batch_size == 1 else -1
 
     def validate(self) -> ModelConfig:
         """Raise ModelConfigError naming the first field that is wrong; return self."""
@@ -185,6 +196,8 @@ class ModelConfig:
                 training_data=str(data.get("training_data", "")),
                 quantized=tuple(_build(QuantizedVersion, q, tuples=("float_nodes",))
                                 for q in data.get("quantized", ())),
+                default_model_filename=str(data.get("default_model_filename", MODEL_FILE)),
+                unbatched=bool(data.get("unbatched", False)),
             )
         except KeyError as exc:
             raise ModelConfigError(f"model config is missing required field {exc}") from None
@@ -220,6 +233,8 @@ def load_config(model_dir: Path) -> ModelConfig:
         data = json.loads(read_config_text(path))
     except json.JSONDecodeError as exc:
         raise ModelConfigError(f"{path}: cannot read config: {exc}") from None
+    except RecursionError:  # the decoder recurses per nesting level; a real config nests a few levels
+        raise ModelConfigError(f"{path}: nested too deeply to be a model config") from None
     cfg = ModelConfig.from_dict(data)
     if cfg.name != Path(model_dir).name:
         raise ModelConfigError(f"{path}: name '{cfg.name}' differs from folder name '{Path(model_dir).name}'")
@@ -307,6 +322,9 @@ def _problems(cfg: ModelConfig) -> list[str]:
         p.append("batching.max_queue_size must be >= 1")
     if b.instances is not None and not 1 <= b.instances <= 64:
         p.append("batching.instances must be in 1..64")
+    if cfg.unbatched and b.enabled:
+        p.append("unbatched: a model without a batch dimension runs each request alone; "
+                 "batching.enabled must be false")
     if any(not 1 <= s <= cfg.max_batch_size for s in b.preferred_batch_sizes):
         p.append("batching.preferred_batch_sizes must lie in 1..max_batch_size")
     vp = cfg.version_policy
@@ -315,6 +333,10 @@ def _problems(cfg: ModelConfig) -> list[str]:
     q_versions = [q.version for q in cfg.quantized]
     if any(not isinstance(v, int) or v < 1 for v in q_versions) or len(set(q_versions)) != len(q_versions):
         p.append(f"quantized[].version must be distinct positive integers, got {q_versions}")
+    f = cfg.default_model_filename
+    if f in ("", ".", "..") or "/" in f or "\\" in f or "\x00" in f:
+        p.append(f"default_model_filename must be a file name inside the version folder (no '/', not '..'), "
+                 f"got {f!r}")
     bad = [x for x in cfg.execution_providers if x not in PROVIDERS]
     if bad:
         p.append(f"execution_providers must be among {PROVIDERS}, got {bad}")

@@ -85,15 +85,20 @@ def read_signature(model_path: Path, boundary: Boundary = STRICT) -> GraphSignat
     return GraphSignature(inp.name, (c, h, w), batch, out.name, int(probe.shape[1]))
 
 
-def latest_model_file(model_dir: Path) -> Path:
-    """The highest numeric version folder's model.onnx: the graph a bare folder is completed from."""
+def latest_model_file(model_dir: Path, filename: str = MODEL_FILE, source: str = "") -> Path:
+    """The highest numeric version folder's graph (``filename``): the one a config is completed from.
+    ``source`` names the config file being completed, for the message; "" for a bare folder."""
     versions = sorted(
         (int(p.name) for p in Path(model_dir).iterdir() if p.is_dir() and p.name.isdigit()), reverse=True
     )
     for v in versions:
-        path = Path(model_dir) / str(v) / MODEL_FILE
+        path = Path(model_dir) / str(v) / filename
         if path.is_file():
             return path
+    if source:
+        raise ModelConfigError(
+            f"{model_dir}: {source} leaves dims to the graph, but no <version>/{filename} exists"
+        )
     raise ModelConfigError(
         f"{model_dir}: no config.json, no config.pbtxt and no <version>/{MODEL_FILE} to complete "
         "a config from"

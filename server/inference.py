@@ -369,6 +369,11 @@ class InferenceCore:
         outputs, reply_bytes_per_image = self._plan(served, request)
         inputs = request.inputs(cfg) if callable(request.inputs) else request.inputs
         n = self._count(inputs)
+        if cfg.unbatched and n > cfg.max_batch_size:
+            raise InvalidInputError(
+                f"images: {served.name} has no batch dimension (max_batch_size 0); expected shape "
+                f"{[cfg.batch_dim, *cfg.input.shape]} (at most {cfg.max_batch_size} image(s)), got {n} images"
+            )
         if request.trace is not None:
             request.trace.images = n
         reply_bytes = _REPLY_OVERHEAD + n * reply_bytes_per_image

@@ -45,16 +45,22 @@ def _version_folders(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and _VERSION_DIR.fullmatch(p.name))
 
 
-def model_fingerprint(model_dir: Path) -> tuple[object, ...]:
-    """What repository polling compares between passes: the config files' and each version's stamps."""
+def model_fingerprint(model_dir: Path, model_file: str = MODEL_FILE) -> tuple[object, ...]:
+    """What repository polling compares between passes: the config files' and each version's graph's stamps
+    (``model_file``: the config's default_model_filename)."""
     try:
         versions = _version_folders(model_dir)
     except OSError:
         return ()
     return (
         *(_stamp(model_dir / name) for name in CONFIG_FILES),
-        *((v, _stamp(model_dir / str(v) / MODEL_FILE)) for v in versions),
+        *((v, _stamp(model_dir / str(v) / model_file)) for v in versions),
     )
+
+
+def _model_file(entry: ModelEntry | None) -> str:
+    """The graph file name polling stamps for an entry: its config's, else the default."""
+    return entry.config.default_model_filename if entry is not None and entry.config else MODEL_FILE
 
 
 @dataclass
@@ -204,7 +210,10 @@ class ModelRepository:
             for v in on_disk:  # listed as failed so that /metrics and ListModels show why nothing serves
                 self.metrics.set_model_state(name, str(v), "failed")
             return entry
-        entry = ModelEntry(name, model_dir, cfg, on_disk=on_disk, fingerprint=model_fingerprint(model_dir))
+        entry = ModelEntry(
+            name, model_dir, cfg, on_disk=on_disk,
+            fingerprint=model_fingerprint(model_dir, cfg.default_model_filename),
+        )  # fmt: skip
         selected = cfg.version_policy.select(on_disk)
         if not selected:
             entry.error = (
@@ -215,11 +224,11 @@ class ModelRepository:
                 "model %s: %s", name, entry.error, extra={"fields": {"event": "model_failed", "model": name}}
             )
         for v in selected:
-            entry.stamps[v] = _stamp(model_dir / str(v) / MODEL_FILE)
+            entry.stamps[v] = _stamp(model_dir / str(v) / cfg.default_model_filename)
             entry.versions[v] = ServedModel(
                 name,
                 v,
-                model_dir / str(v) / MODEL_FILE,
+                model_dir / str(v) / cfg.default_model_filename,
                 cfg,
                 self.settings,
                 self.metrics,
@@ -274,7 +283,7 @@ class ModelRepository:
         old = self._entries.get(name)
         if not model_dir.is_dir():
             raise ModelNotFoundError(f"{where}: no model folder named {name!r} in the repository")
-        fingerprint = model_fingerprint(model_dir)
+        fingerprint = model_fingerprint(model_dir, _model_file(old))
         on_disk = _version_folders(model_dir)
         try:
             cfg = await asyncio.to_thread(self._read_config, model_dir)
@@ -300,12 +309,14 @@ class ModelRepository:
             if old is not None:
                 await self._retire(list(old.versions.values()))
             return entry
+        if cfg.default_model_filename != _model_file(old):
+            fingerprint = model_fingerprint(model_dir, cfg.default_model_filename)
         selected = cfg.version_policy.select(on_disk)
         versions: dict[int, ServedModel] = {}
         stamps: dict[int, tuple[int, int] | None] = {}
         failed: list[int] = []
         for v in selected:
-            path = model_dir / str(v) / MODEL_FILE
+            path = model_dir / str(v) / cfg.default_model_filename
             stamp = _stamp(path)
             current = old.versions.get(v) if old is not None else None
             if (
@@ -423,7 +434,7 @@ class ModelRepository:
             entry = self._entries.get(name)
             if entry is not None and entry.held:
                 continue
-            fingerprint = model_fingerprint(self.root / name)
+            fingerprint = model_fingerprint(self.root / name, _model_file(entry))
             if entry is not None and fingerprint == entry.fingerprint:
                 self._settling.pop(name, None)
                 continue

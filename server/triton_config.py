@@ -1,8 +1,9 @@
 """Triton's ``config.pbtxt`` for ONNX models, read with protobuf's text format into our one ModelConfig.
 
-Read: name, platform/backend (ONNX Runtime only), max_batch_size (0: the dims carry the batch dimension,
-which is stripped, and requests are not merged), one input (FP32, NCHW, dims [C, H, W]) and one output
-(FP32, dims [K], label_filename), dynamic_batching (max_queue_delay_microseconds, preferred_batch_size,
+Read: name, platform/backend (ONNX Runtime only), default_model_filename (the graph's name in each version
+folder), max_batch_size (0: the dims carry the batch dimension, which requests must match exactly, and
+each request runs alone), one input (FP32, NCHW, dims [C, H, W]) and one output (FP32, dims [K],
+label_filename), dynamic_batching (max_queue_delay_microseconds, preferred_batch_size,
 default_queue_policy.max_queue_size; without it each request runs alone, as in Triton), instance_group
 (counts summed; KIND_GPU/KIND_CPU pick the provider), version_policy. Input or output left out, or dims of
 -1, are completed from the graph. Everything else Triton knows (optimization, model_warmup, sequence
@@ -13,10 +14,11 @@ floats) and ``output_kind`` (logits/probabilities) override it.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from convserve.protos.inference import model_config_pb2 as mc
@@ -29,7 +31,14 @@ from .autocomplete import (
     latest_model_file,
     read_signature,
 )
-from .model_config import MAX_INPUT_ELEMENTS, MAX_LABEL_BYTES, ModelConfig, ModelConfigError, read_config_text
+from .model_config import (
+    MAX_INPUT_ELEMENTS,
+    MAX_LABEL_BYTES,
+    MODEL_FILE,
+    ModelConfig,
+    ModelConfigError,
+    read_config_text,
+)
 from .model_files import STRICT, Boundary
 
 log = logging.getLogger(__name__)
@@ -55,6 +64,8 @@ def parse_pbtxt(text: str, where: str) -> tuple[mc.ModelConfig, list[str]]:
         text_format.Parse(text, msg, allow_unknown_field=True)
     except text_format.ParseError as exc:
         raise ModelConfigError(f"{where}: not a Triton model config: {exc}") from None
+    except RecursionError:  # the parser recurses per nested message; a real config nests a few levels
+        raise ModelConfigError(f"{where}: nested too deeply to be a Triton model config") from None
     return msg, _unknown_fields(text)
 
 
@@ -120,15 +131,22 @@ def to_model_config(
     if max_batch_size < 0:
         raise ModelConfigError(f"{where}: max_batch_size must be >= 0, got {max_batch_size}")
     _check_dims(msg, where)
-    if max_batch_size == 0:
+    unbatched = max_batch_size == 0
+    if unbatched:
         msg, max_batch_size = _explicit_batch(msg, where)
     if len(msg.input) > 1 or len(msg.output) > 1:
         raise ModelConfigError(
             f"{where}: expected one input and one output, got {len(msg.input)} and {len(msg.output)}"
         )
+    filename = msg.default_model_filename or MODEL_FILE
+    if filename in (".", "..") or PurePosixPath(filename).name != filename or "\\" in filename:
+        raise ModelConfigError(
+            f"{where}: default_model_filename must be a file name inside the version folder "
+            f"(no '/', not '..'), got {filename!r}"
+        )
     sig = None
     if not msg.input or not msg.output or any(d < 0 for t in (*msg.input, *msg.output) for d in t.dims):
-        graph = boundary.check(latest_model_file(model_dir), model_dir, "model file")
+        graph = boundary.check(latest_model_file(model_dir, filename, PBTXT_FILE), model_dir, "model file")
         sig = read_signature(graph, boundary)
     input_name, (c, h, w) = _input(msg, sig, where)
     output_name, num_classes = _output(msg, sig, where)
@@ -150,6 +168,8 @@ def to_model_config(
         "max_batch_size": max_batch_size,
         "batching": _batching(msg),
         "version_policy": _version_policy(msg.version_policy),
+        "default_model_filename": filename,
+        "unbatched": unbatched,
     }
     kinds = {g.kind for g in msg.instance_group}
     if kinds and kinds <= set(_GPU_KINDS):
@@ -184,8 +204,9 @@ def _check_dims(msg: mc.ModelConfig, where: str) -> None:
 
 
 def _explicit_batch(msg: mc.ModelConfig, where: str) -> tuple[mc.ModelConfig, int]:
-    """max_batch_size 0: Triton's dims then include the batch dimension; convserve's never do. Strip it:
-    -1 (any batch) serves up to the default batch size, 1 one image per run; requests are not merged."""
+    """max_batch_size 0: Triton's dims then include the batch dimension; ModelConfig's input.shape never
+    does. Strip it into max_batch_size: -1 (any count) serves up to the default batch size, 1 exactly one
+    image; the config is marked unbatched, so requests are checked against the dims and run alone."""
     out = mc.ModelConfig()
     out.CopyFrom(msg)
     out.ClearField("dynamic_batching")
@@ -248,10 +269,21 @@ def _labels(
         )
     path = boundary.named_file(filename, model_dir, f"{where}: label_filename")
     try:
-        labels = [ln.strip() for ln in read_config_text(path, MAX_LABEL_BYTES).splitlines()]
+        text = read_config_text(path, MAX_LABEL_BYTES)
     except ModelConfigError as exc:
         raise ModelConfigError(f"{where}: cannot read label_filename {filename!r}: {exc}") from None
-    labels = [ln for ln in labels if ln]
+    labels: list[str] = []
+    # Line by line, stopping past the class count: one splitlines() of a 4 MiB file holds the GIL for
+    # about 80 ms, and health answers from the same process.
+    for line in io.StringIO(text, newline=None):
+        label = line.strip()
+        if label:
+            labels.append(label)
+            if len(labels) > num_classes:
+                raise ModelConfigError(
+                    f"{where}: label_filename {filename!r} has more than {num_classes} labels; "
+                    f"the output has {num_classes} classes"
+                )
     if len(labels) != num_classes:
         raise ModelConfigError(
             f"{where}: label_filename {filename!r} has {len(labels)} labels; "

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from convserve.protos.inference import grpc_service_pb2 as pb
 from convserve.protos.inference import model_config_pb2 as mc
 
-from .model_config import MODEL_FILE, ModelConfig
+from .model_config import ModelConfig
 from .repository import ModelEntry
 from .served_model import ModelState
 from .settings import Settings
@@ -46,25 +46,26 @@ def model_config(cfg: ModelConfig, settings: Settings, provider: str = "") -> mc
     the instance group kind (GPU for CUDA/TensorRT, else CPU).
     """
     b = cfg.batching
+    explicit = [cfg.batch_dim] if cfg.unbatched else []  # Triton's dims then carry the batch dimension
     out = mc.ModelConfig(
         name=cfg.name,
         platform=PLATFORM if cfg.platform in ("", PLATFORM) else cfg.platform,
         backend=BACKEND,
-        max_batch_size=cfg.max_batch_size,
-        default_model_filename=MODEL_FILE,
+        max_batch_size=0 if cfg.unbatched else cfg.max_batch_size,
+        default_model_filename=cfg.default_model_filename,
         input=[
             mc.ModelInput(
                 name=cfg.input.name,
                 data_type=DATA_TYPES.get(cfg.input.dtype, mc.TYPE_FP32),
                 format=mc.ModelInput.FORMAT_NCHW,
-                dims=list(cfg.input.shape),
+                dims=[*explicit, *cfg.input.shape],
             )
         ],
         output=[
             mc.ModelOutput(
                 name=cfg.output.name,
                 data_type=mc.TYPE_FP32,
-                dims=[cfg.num_classes],
+                dims=[*explicit, cfg.num_classes],
                 label_filename=cfg.output.label_filename,
             )
         ],

@@ -132,8 +132,8 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
             name=entry.name,
             versions=versions,
             platform=cfg.platform,
-            inputs=[T(name=cfg.input.name, datatype="FP32", shape=[-1, *cfg.input.shape])],
-            outputs=[T(name=cfg.output.name, datatype="FP32", shape=[-1, cfg.num_classes])],
+            inputs=[T(name=cfg.input.name, datatype="FP32", shape=[cfg.batch_dim, *cfg.input.shape])],
+            outputs=[T(name=cfg.output.name, datatype="FP32", shape=[cfg.batch_dim, cfg.num_classes])],
         )
 
     # ---- inference -------------------------------------------------------------------------------

@@ -29,6 +29,14 @@ instance_group [ { count: 2, kind: KIND_CPU } ]
 model_warmup [ { name: "zeros", batch_size: 1 } ]
 """
 LABELS = ["apple", "pear", "plum", "fig", "kiwi"]
+# Triton's no-batch-dimension form, its graph under another file name.
+UNBATCHED = """
+platform: "onnxruntime_onnx"
+max_batch_size: 0
+default_model_filename: "mnist.onnx"
+input [ { name: "input", data_type: TYPE_FP32, dims: [ -1, 1, 8, 8 ] } ]
+output [ { name: "logits", data_type: TYPE_FP32, dims: [ -1, 4 ] } ]
+"""
 
 DRIVER = r"""
 import json, sys
@@ -68,12 +76,18 @@ def test_triton_repository_serves_unchanged(
         input_name="pixels",
         output_name="scores",
     )
+    make_model(repo / "unbatched" / "1" / "mnist.onnx", size=8, classes=4, seed=23)
+    (repo / "unbatched" / "config.pbtxt").write_text(UNBATCHED)
     rng = np.random.default_rng(1)
-    inputs = {"triton_rgb": rng.normal(size=(3, 3, 16, 16)), "bare": rng.normal(size=(2, 1, 8, 8))}
+    inputs = {
+        "triton_rgb": rng.normal(size=(3, 3, 16, 16)),
+        "bare": rng.normal(size=(2, 1, 8, 8)),
+        "unbatched": rng.normal(size=(3, 1, 8, 8)),
+    }
     spec = {}
     for model, x in inputs.items():
         np.save(tmp_path / f"{model}.npy", x.astype(np.float32))
-        names = ("input", "logits") if model == "triton_rgb" else ("pixels", "scores")
+        names = ("pixels", "scores") if model == "bare" else ("input", "logits")
         spec[model] = [*names, str(tmp_path / f"{model}.npy")]
 
     server = server_process("--model-repository", str(repo))
@@ -89,6 +103,7 @@ def test_triton_repository_serves_unchanged(
     assert {(m["name"], m["state"]) for m in seen["index"]["models"]} == {
         ("triton_rgb", "READY"),
         ("bare", "READY"),
+        ("unbatched", "READY"),
     }
     cfg = seen["triton_rgb"]["config"]
     assert cfg["max_batch_size"] == 8 and cfg["dynamic_batching"]["max_queue_delay_microseconds"] == "200"
@@ -98,9 +113,16 @@ def test_triton_repository_serves_unchanged(
     assert (bare["input"][0]["name"], bare["output"][0]["name"]) == ("pixels", "scores")
     assert bare["input"][0]["dims"] == ["1", "8", "8"] and bare["output"][0]["dims"] == ["4"]
     assert "dynamic_batching" in bare  # completed configs batch, with the server's defaults
+    unbatched = seen["unbatched"]["config"]
+    assert unbatched.get("max_batch_size", 0) == 0 and "dynamic_batching" not in unbatched
+    assert unbatched["default_model_filename"] == "mnist.onnx"
+    assert unbatched["input"][0]["dims"] == ["-1", "1", "8", "8"]
+    assert unbatched["output"][0]["dims"] == ["-1", "4"]
+    assert seen["unbatched"]["metadata"]["inputs"][0]["shape"] == ["-1", "1", "8", "8"]
 
     for model, x in inputs.items():
-        reference = run_reference(repo / model / "1" / "model.onnx", x.astype(np.float32))
+        graph = repo / model / "1" / ("mnist.onnx" if model == "unbatched" else "model.onnx")
+        reference = run_reference(graph, x.astype(np.float32))
         np.testing.assert_allclose(np.array(seen[model]["raw"]), reference, rtol=1e-5, atol=1e-6)
         labels = LABELS if model == "triton_rgb" else [str(i) for i in range(reference.shape[1])]
         for row, strings in zip(reference, seen[model]["top2"], strict=True):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc
-from convserve.testing.prerequisites import require_binary
+from convserve.testing.file_trace import opened_files, traced
 
 from ..conftest import reference_logits
 
@@ -163,16 +162,14 @@ def test_strace_sees_no_open_outside_the_model_folders(
 ) -> None:
     """The server under strace: of every path it opens beneath the test's folder, none is outside the
     repository's model folders (ONNX Runtime opens external data from C++, out of Python's sight)."""
-    strace = require_binary("strace", "strace is not installed: bash scripts/install_system_deps.sh")
     repo, work, labels = hostile_repository
     run = tmp_path / "run"  # the trace, log and port file: written by the test's own tools
     run.mkdir()
     trace, log = run / "open.trace", run / "server.log"
-    cmd = [
-        strace, "-f", "-qq", "-y", "--seccomp-bpf", "-e", "trace=open,openat,openat2", "-o", str(trace),
+    cmd = traced([
         sys.executable, "-m", "convserve.server", "--model-repository", str(repo), "--host", "127.0.0.1",
         "--grpc-port", "0", "--http-port", "-1", "--metrics-port", "-1", "--port-file", str(run / "ports"),
-    ]  # fmt: skip
+    ], trace)  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -191,13 +188,7 @@ def test_strace_sees_no_open_outside_the_model_folders(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-    # With -y strace prints each returned descriptor with the file it opened, links followed.
-    opened = [
-        m[1]
-        for line in trace.read_text(errors="replace").splitlines()
-        if (m := OPENED.search(line)) and not any(f in line for f in WRITES_OR_FOLDERS)
-        and not Path(m[1]).is_dir()  # a threaded open's "<... openat resumed>" line shows no flags
-    ]  # files read: a model's files are only ever read
+    opened = opened_files(trace, writes=False)  # files read: a model's files are only ever read
     resolved = [str(Path(p).resolve()) for p in opened]
     mine = [p for p in resolved if p.startswith(f"{tmp_path}/") and not p.startswith(f"{run}/")]
     outside = [p for p in mine if not p.startswith(f"{repo}/")]
@@ -206,7 +197,35 @@ def test_strace_sees_no_open_outside_the_model_folders(
     assert any(p.endswith("single/1/model.onnx.data") for p in opened), "the trace saw no external data"
 
 
-OPENED = re.compile(r"= \d+<(/.*)>$")
-WRITES_OR_FOLDERS = ("O_DIRECTORY", "O_WRONLY", "O_RDWR")
 # What the server logs once every model has loaded or failed (with or without strict readiness).
 LOADED = ("model(s) are not ready", "serving ", "no model version is ready")
+
+
+def test_strace_sees_import_open_nothing_outside_the_source_folder_and_the_repository(
+    tmp_path: Path, make_model: Any
+) -> None:
+    """``convserve import`` of a graph with external data, run from a folder that holds a same-named data
+    file: every file it opens beneath the test's folder is in the source model's folder or the repository."""
+    source = tmp_path / "source" / "model.onnx"
+    _save_external(make_model(tmp_path / "build" / "plain.onnx"), source, one_file=True)
+    labels = source.parent / "labels.txt"
+    labels.write_text("a\nb\nc\nd\n")
+    work, repo, run = tmp_path / "work", tmp_path / "repo", tmp_path / "run"
+    for folder in (work, run):
+        folder.mkdir()
+    (work / "model.onnx.data").write_bytes((source.parent / "model.onnx.data").read_bytes())
+    trace = run / "open.trace"
+    cmd = traced([
+        sys.executable, "-m", "convserve.cli", "import", str(source), "--name", "tiny",
+        "--labels", str(labels), "--repository", str(repo),
+    ], trace)  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}
+    done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resolved = [str(Path(p).resolve()) for p in opened_files(trace)]
+    mine = [p for p in resolved if p.startswith(f"{tmp_path}/") and not p.startswith(f"{run}/")]
+    outside = [p for p in mine if not p.startswith((f"{source.parent}/", f"{repo}/"))]
+    assert outside == [], outside
+    assert str(source.parent / "model.onnx.data") in mine, "the trace saw no external data read"
+    staged = [p for p in mine if p.startswith(f"{repo}/") and p.endswith("/1/model.onnx.data")]
+    assert staged, "the trace saw no verification of the staged copy"

@@ -100,6 +100,7 @@ def test_max_batch_size_zero_strips_the_explicit_batch_dimension(tmp_path: Path,
     cfg = read_pbtxt(_folder(tmp_path, make_model, pbtxt))
     assert cfg.input.shape == (3, 16, 16) and cfg.num_classes == 5
     assert cfg.max_batch_size == 64 and cfg.batching.enabled is False  # Triton never merges these requests
+    assert cfg.unbatched and cfg.batch_dim == -1  # reported as max_batch_size 0 with the dims as written
 
 
 def test_bare_folder_is_completed_from_its_latest_graph(tmp_path: Path, make_model: Any) -> None:
