@@ -29,6 +29,7 @@ COPY testing ./testing
 COPY client ./client
 COPY server ./server
 COPY models ./models
+COPY model_repository ./model_repository
 # A non-editable install: the image carries site-packages, not the source tree.
 RUN pip install --no-cache-dir "/src[server]"
 
@@ -53,6 +54,7 @@ COPY testing ./testing
 COPY client ./client
 COPY server ./server
 COPY models ./models
+COPY model_repository ./model_repository
 # `server-gpu` is `server` with onnxruntime-gpu in place of the CPU onnxruntime (never both: they
 # write the same package directory).
 RUN pip install --no-cache-dir "/src[server-gpu]"
@@ -109,6 +111,7 @@ COPY testing ./testing
 COPY client ./client
 COPY server ./server
 COPY models ./models
+COPY model_repository ./model_repository
 RUN pip install --no-cache-dir --extra-index-url="${TORCH_INDEX_URL}" "/src[train]" \
     && groupadd --system --gid 10001 convserve \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
