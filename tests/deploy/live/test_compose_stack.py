@@ -88,7 +88,7 @@ def test_stack_balances_over_two_replicas_prometheus_scrapes_both_and_stop_drain
         zeros = infer_request(np.zeros((1, 1, 28, 28), dtype=np.float32))
         for cid in replicas:
             port = deploy.published_port(cid, 8000)
-            assert rest(port, "/v2/health/ready") == (200, None)
+            assert rest(port, "/v2/health/ready") == (200, {"ready": True})
             status, reply = rest(port, "/v2/models/digits_lenet/infer", zeros)
             assert status == 200 and reply["outputs"][0]["shape"] == [1, 10], reply
         expected = reply["outputs"][0]["data"]  # the same model on every replica: the same logits

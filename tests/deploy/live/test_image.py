@@ -122,8 +122,8 @@ def test_image_runs_non_root_read_only_and_classifies_like_onnx_runtime(
     # The v2 REST port (8000 in the image), through its published port: readiness without a token, and
     # a raw tensor (the digits scaled by the config's mean/std; tensors skip image preprocessing) gives
     # the logits of the reference run on the same tensor.
-    assert rest(http_port, "/v2/health/ready") == (200, None)
-    assert rest(http_port, "/v2/health/live") == (200, None)
+    assert rest(http_port, "/v2/health/ready") == (200, {"ready": True})
+    assert rest(http_port, "/v2/health/live") == (200, {"live": True})
     pre = config["preprocessing"]
     batch = (images[:, None].astype(np.float32) / 255 - pre["mean"][0]) / pre["std"][0]  # (N, 1, 28, 28)
     logits = run_reference(MODEL, batch)
