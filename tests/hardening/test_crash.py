@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from convserve.client import Client, ConvserveError, RetryPolicy
+from convserve.testing.waits import poll_until
 from PIL import Image
 
 TIMEOUT_S = 6.0  # each call's deadline, retries included
@@ -76,15 +77,6 @@ def _worker(
                 calls.append(call)
 
 
-def _wait_until(predicate: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
 def test_kill_9_and_restart_under_load(
     spawn_server: Any, hardening_repository: Path, run_reference: Any
 ) -> None:
@@ -121,7 +113,7 @@ def test_kill_9_and_restart_under_load(
     for t in threads:
         t.start()
     try:
-        assert _wait_until(lambda: sum(c.ok for c in calls) >= 100, 30), "load never got going"
+        assert poll_until(lambda: sum(c.ok for c in calls) >= 100, 30), "load never got going"
         first.proc.kill()  # SIGKILL: no drain, connections reset mid-call
         first.proc.wait(10)
         t_kill = time.monotonic()
@@ -136,7 +128,7 @@ def test_kill_9_and_restart_under_load(
         assert second is not None, "could not restart the server on the same port"
         assert second.grpc_port == port
         t_up = time.monotonic()
-        assert _wait_until(
+        assert poll_until(
             lambda: all(
                 sum(c.ok and c.start > t_up for c in calls if c.worker == w) >= 20 for w in range(CLIENTS)
             ),

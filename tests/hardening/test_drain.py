@@ -13,7 +13,6 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc
 from convserve.protos.inference import grpc_service_pb2 as v2pb
 from convserve.protos.inference import grpc_service_pb2_grpc
+from convserve.testing.waits import poll_until
 
 CLIENTS = 6
 SHAPE = (1, 3, 48, 48)  # the "slow" model: ~5-10 ms per image, one instance, no batching
@@ -102,15 +102,6 @@ def _client(
                 return
 
 
-def _wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
 def access_log(text: str) -> list[dict[str, Any]]:
     lines = []
     for line in text.splitlines():
@@ -148,7 +139,7 @@ def test_sigterm_under_load_loses_nothing(
     for t in threads:
         t.start()
     try:
-        assert _wait_until(lambda: sum(o.code == grpc.StatusCode.OK for o in outcomes) >= 40, 30), (
+        assert poll_until(lambda: sum(o.code == grpc.StatusCode.OK for o in outcomes) >= 40, 30), (
             "load never got going"
         )
         t_term = time.monotonic()
@@ -156,7 +147,7 @@ def test_sigterm_under_load_loses_nothing(
         exit_code = sp.proc.wait(30)
         t_exit = time.monotonic()
         # Clients keep calling the dead address for a moment: those calls must fail cleanly too.
-        _wait_until(lambda: sum(o.sent > t_exit for o in outcomes) >= CLIENTS, 10)
+        poll_until(lambda: sum(o.sent > t_exit for o in outcomes) >= CLIENTS, 10)
     finally:
         stop.set()
         for t in threads:
@@ -249,7 +240,7 @@ def test_sigterm_then_restart_sdk_clients_lose_nothing(
     for t in threads:
         t.start()
     try:
-        assert _wait_until(lambda: len(results) >= 100, 30)
+        assert poll_until(lambda: len(results) >= 100, 30)
         first.proc.send_signal(signal.SIGTERM)
         assert first.proc.wait(30) == 0
         t_down = time.monotonic()
@@ -261,7 +252,7 @@ def test_sigterm_then_restart_sdk_clients_lose_nothing(
             except RuntimeError:
                 time.sleep(0.25)
         assert second is not None
-        assert _wait_until(lambda: sum(r[0] > time.monotonic() - 0.5 for r in results) >= 20, 30)
+        assert poll_until(lambda: sum(r[0] > time.monotonic() - 0.5 for r in results) >= 20, 30)
     finally:
         stop.set()
         for t in threads:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import numpy as np
 import pytest
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc
+from convserve.testing.waits import poll_until
 
 TOKEN = "reload-test-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -36,15 +35,6 @@ def _probs(reply: pb.ClassifyResponse) -> np.ndarray:
     for p in reply.results[0].predictions:
         got[p.index] = p.probability
     return got
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def _states(stub: Any, model: str = "m") -> dict[int, str]:
@@ -74,17 +64,17 @@ def test_polling_serves_a_new_version_and_skips_a_broken_one(
         # A new version folder, written the way a deployment would: under a temporary name, then renamed.
         make_model(repo / "m" / ".staging" / "model.onnx", seed=2)
         (repo / "m" / ".staging").rename(repo / "m" / "2")
-        assert _wait_for(lambda: stub.Classify(_tensor_request(x), timeout=10).version == 2)
+        assert poll_until(lambda: stub.Classify(_tensor_request(x), timeout=10).version == 2)
         reply = stub.Classify(_tensor_request(x), timeout=10)
         expected = softmax(run_reference(repo / "m" / "2" / "model.onnx", x))[0]
         np.testing.assert_allclose(_probs(reply), expected, rtol=1e-4, atol=1e-6)
         # The default policy serves the latest one version: v1 is unloaded, not left running.
-        assert _wait_for(lambda: _states(stub) == {2: "MODEL_STATE_READY"}), _states(stub)
+        assert poll_until(lambda: _states(stub) == {2: "MODEL_STATE_READY"}), _states(stub)
 
         # A broken version 3 fails to load and never replaces the working version 2.
         (repo / "m" / "3").mkdir()
         (repo / "m" / "3" / "model.onnx").write_bytes(b"definitely not an ONNX model")
-        assert _wait_for(lambda: _states(stub).get(3) == "MODEL_STATE_FAILED"), _states(stub)
+        assert poll_until(lambda: _states(stub).get(3) == "MODEL_STATE_FAILED"), _states(stub)
         for _ in range(5):
             assert stub.Classify(_tensor_request(x), timeout=10).version == 2
         assert _states(stub)[2] == "MODEL_STATE_READY"
@@ -92,16 +82,16 @@ def test_polling_serves_a_new_version_and_skips_a_broken_one(
         # Fixing version 3 in place (a new file) is picked up on a later poll.
         shutil.copy(repo / "m" / "2" / "model.onnx", repo / "m" / "3" / "model.onnx.tmp")
         (repo / "m" / "3" / "model.onnx.tmp").replace(repo / "m" / "3" / "model.onnx")
-        assert _wait_for(lambda: stub.Classify(_tensor_request(x), timeout=10).version == 3)
+        assert poll_until(lambda: stub.Classify(_tensor_request(x), timeout=10).version == 3)
 
         # A whole new model folder appears and serves.
         model_writer(repo, "n", {1: {"seed": 5}})
-        assert _wait_for(lambda: _states(stub, "n") == {1: "MODEL_STATE_READY"})
+        assert poll_until(lambda: _states(stub, "n") == {1: "MODEL_STATE_READY"})
         assert stub.Classify(_tensor_request(x, model="n"), timeout=10).version == 1
 
         # Removing the folder unloads the model; lookups then say it does not exist.
         shutil.rmtree(repo / "n")
-        assert _wait_for(lambda: "n" not in {m.name for m in stub.ListModels(pb.ListModelsRequest()).models})
+        assert poll_until(lambda: "n" not in {m.name for m in stub.ListModels(pb.ListModelsRequest()).models})
         with pytest.raises(grpc.RpcError) as err:
             stub.Classify(_tensor_request(x, model="n"), timeout=10)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -153,7 +143,7 @@ def test_load_and_unload_rpcs_keep_in_flight_requests(
             inflight = srv.registry.get_sample_value("convserve_inflight_requests", labels) or 0
             return int(inflight) + sum(f.done() for f in futures)
 
-        assert _wait_for(lambda: accepted() == len(futures)), accepted()
+        assert poll_until(lambda: accepted() == len(futures)), accepted()
         model_writer(root, "m", {2: {"seed": 14, "filters": 32, "depth": 3}}, **slow)
         reply = stub.LoadModel(pb.LoadModelRequest(model="m"), timeout=60, metadata=AUTH)
         assert {v.version: v.state for v in reply.model.versions} == {2: pb.MODEL_STATE_READY}

@@ -9,9 +9,8 @@ import os
 import shutil
 import signal
 import threading
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from convserve.server.settings import Settings
 from convserve.server.supervisor import worker_settings
 from convserve.testing import ServerProcess, ServerStartError
 from convserve.testing import start_server_process as _start
+from convserve.testing.waits import poll_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -42,15 +42,6 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 def start_server_process(repo: Path, workdir: Path, *flags: str, **kwargs: Any) -> ServerProcess:
     return _start(["--model-repository", str(repo), *flags], workdir, **kwargs)
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def _request(x: np.ndarray, model: str = "m") -> pb.ClassifyRequest:
@@ -207,11 +198,11 @@ def test_hot_reload_reaches_every_worker(workers: ServerProcess, repo: Path, mak
     (repo / "m" / ".staging").rename(repo / "m" / "2")
     try:
         for w in workers.workers():
-            assert _wait_for(lambda a=w["grpc"]: _states(a) == {2: "MODEL_STATE_READY"}), _states(w["grpc"])
+            assert poll_until(lambda a=w["grpc"]: _states(a) == {2: "MODEL_STATE_READY"}), _states(w["grpc"])
     finally:
         shutil.rmtree(repo / "m" / "2")
     for w in workers.workers():
-        assert _wait_for(lambda a=w["grpc"]: _states(a) == {1: "MODEL_STATE_READY"}), _states(w["grpc"])
+        assert poll_until(lambda a=w["grpc"]: _states(a) == {1: "MODEL_STATE_READY"}), _states(w["grpc"])
 
 
 def test_kill_9_of_one_worker_fails_only_its_calls_and_is_replaced(workers: ServerProcess) -> None:
@@ -240,7 +231,7 @@ def test_kill_9_of_one_worker_fails_only_its_calls_and_is_replaced(workers: Serv
         # The survivor's call goes on; readiness drops until the replacement is ready, then returns.
         feeds[survivor["index"]].put(_request(x))
         assert next(streams[survivor["index"]]).HasField("response")
-        assert _wait_for(lambda: _health(survivor["grpc"]) == health_pb2.HealthCheckResponse.NOT_SERVING, 10)
+        assert poll_until(lambda: _health(survivor["grpc"]) == health_pb2.HealthCheckResponse.NOT_SERVING, 10)
         with grpc.insecure_channel(workers.address) as ch:  # the shared port keeps answering meanwhile
             classifier_pb2_grpc.ClassifierStub(ch).Classify(_request(x), timeout=10, metadata=AUTH)
         feeds[survivor["index"]].close()
@@ -256,8 +247,8 @@ def test_kill_9_of_one_worker_fails_only_its_calls_and_is_replaced(workers: Serv
             and _health(listed[0]["grpc"]) == health_pb2.HealthCheckResponse.SERVING
         )
 
-    assert _wait_for(replaced, 60)
-    assert _wait_for(lambda: _health(survivor["grpc"]) == health_pb2.HealthCheckResponse.SERVING, 30)
+    assert poll_until(replaced, 60)
+    assert poll_until(lambda: _health(survivor["grpc"]) == health_pb2.HealthCheckResponse.SERVING, 30)
     after = _samples(workers)
     assert _total(after, "convserve_worker_restarts_total") == 1
     # Monotonic: the dead worker's totals stay in the sum (plus the calls made since).
@@ -335,7 +326,7 @@ def test_sigterm_drains_every_worker_and_exits_0(repo: Path, tmp_path: Path) -> 
         for t in threads:
             t.start()
         # Every worker busy in a closed loop (a call in flight nearly always) when the signal comes.
-        assert _wait_for(lambda: all(answered(a) >= 20 for a in addresses), 30)
+        assert poll_until(lambda: all(answered(a) >= 20 for a in addresses), 30)
         assert server.stop(60) == 0
     finally:
         stop.set()
