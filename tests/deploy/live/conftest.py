@@ -109,18 +109,21 @@ def network(deploy: Deploy) -> Iterator[str]:
 
 def _rest(port: int, path: str, body: Any = None, timeout: float = 10) -> tuple[int, Any]:
     """One v2 REST request to 127.0.0.1:``port`` (POST with ``body`` as JSON, else GET) → (status, JSON
-    body or None). Error statuses are returned, not raised, so a test can wait for 200."""
+    body, the text of a body that is not JSON — a balancer's own 503 page — or None). Error statuses are
+    returned, not raised, so a test can wait for 200."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method="GET" if data is None
                                      else "POST", headers={"Content-Type": "application/json"})  # fmt: skip
     try:
         with urllib.request.urlopen(request, timeout=timeout) as reply:
-            status, raw = reply.status, reply.read()
+            status, raw, kind = reply.status, reply.read(), reply.headers.get_content_type()
     except urllib.error.HTTPError as error:
-        status, raw = error.code, error.read()
+        status, raw, kind = error.code, error.read(), error.headers.get_content_type()
     except OSError:  # refused or reset: the port is not serving (yet)
         return 0, None
-    return status, json.loads(raw) if raw else None
+    if not raw:
+        return status, None
+    return status, json.loads(raw) if kind == "application/json" else raw.decode(errors="replace")
 
 
 def _infer_request(batch: Any) -> dict[str, Any]:
@@ -131,7 +134,7 @@ def _infer_request(batch: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def rest() -> Callable[..., tuple[int, Any]]:
-    """``rest(port, path, body=None, timeout=10)`` → (status, JSON or None): one v2 REST call on loopback."""
+    """``rest(port, path, body=None, timeout=10)`` → (status, JSON, text or None): one v2 REST call on loopback."""
     return _rest
 
 
