@@ -13,7 +13,8 @@ import sys
 import time
 
 import numpy as np
-from convserve.server.batcher import Batcher
+
+from convserve.server.runtime.batcher import Batcher
 
 _W = np.random.default_rng(0).standard_normal((16, 10)).astype(np.float32)
 

@@ -15,7 +15,8 @@ import time
 
 import grpc
 import numpy as np
-from convserve.server.batcher import Batcher
+
+from convserve.server.runtime.batcher import Batcher
 
 CLIENT = "ipv4:127.0.0.1:50123"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "convserve"
 # package folder → convserve packages its modules must never import
 FORBIDDEN = {
     "client": {"convserve.server", "convserve.models", "convserve.cli", "convserve.testing"},
@@ -25,12 +26,12 @@ FORBIDDEN = {
 # The second, as deliberate: `convserve quantize` checks its int8 graph with the server's own load check,
 # the one `convserve import` runs (models/quantize.py).
 ALLOWED = {
-    "convserve.server.importer",
-    "convserve.server.importer.ImportModelError",
-    "convserve.server.importer.verify",
-    "convserve.server.preprocess",
-    "convserve.server.preprocess.image_to_array",
-    "convserve.server.preprocess.decode_image",
+    "convserve.server.repository.importer",
+    "convserve.server.repository.importer.ImportModelError",
+    "convserve.server.repository.importer.verify",
+    "convserve.server.runtime.preprocess",
+    "convserve.server.runtime.preprocess.image_to_array",
+    "convserve.server.runtime.preprocess.decode_image",
     "convserve.server.errors",
     "convserve.server.errors.InvalidInputError",
 }
@@ -64,15 +65,8 @@ def test_import_reader_sees_lazy_and_relative_imports(tmp_path: Path) -> None:
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_package_imports_only_what_its_layer_allows(package: str) -> None:
     offences = []
-    for path in sorted((ROOT / package).rglob("*.py")):
+    for path in sorted((PACKAGE / package).rglob("*.py")):
         for name in sorted(imports(path, package)):
             if name not in ALLOWED and any(name == f or name.startswith(f + ".") for f in FORBIDDEN[package]):
                 offences.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not offences, "\n".join(offences)
-
-
-def test_server_model_config_is_the_common_contract() -> None:
-    import convserve.common.model_config as contract
-    import convserve.server.model_config as legacy_name
-
-    assert legacy_name is contract  # one module, two names: no second copy of the contract

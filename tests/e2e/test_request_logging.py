@@ -13,9 +13,10 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc as pb_grpc
-from convserve.server import logging_setup as ls
+from convserve.server.observability import logs as ls
 
 MODEL = "gray"  # 1x8x8 grayscale in the test repository (tests/conftest.py)
 

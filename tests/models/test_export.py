@@ -11,7 +11,7 @@ import pytest
 import torch
 from convserve.models import build
 from convserve.models.export import ExportError, export_model, export_onnx_bytes, next_version, verify_onnx
-from convserve.server.model_config import InputSpec, ModelConfig, load_config
+from convserve.common.model_config import InputSpec, ModelConfig, load_config
 from torch import nn
 
 LABELS = tuple(str(i) for i in range(10))

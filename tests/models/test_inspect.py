@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from convserve.cli import main
 from convserve.models import data, inspection
-from convserve.server.model_config import load_config
-from convserve.server.preprocess import decode_image
+from convserve.common.model_config import load_config
+from convserve.server.runtime.preprocess import decode_image
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]

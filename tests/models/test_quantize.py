@@ -19,7 +19,7 @@ import pytest
 from convserve.cli import main
 from convserve.common.model_config import VersionPolicy, load_config, write_config
 from convserve.models import data, evaluate, robustness
-from convserve.server.preprocess import decode_image
+from convserve.server.runtime.preprocess import decode_image
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]

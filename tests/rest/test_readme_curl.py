@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from convserve.testing.prerequisites import require_binary, require_module
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from convserve.server.batcher import Batcher
+from convserve.server.runtime.batcher import Batcher
 from convserve.server.errors import DeadlineExpiredError, DrainingError, InvalidInputError, QueueFullError
 from onnx import TensorProto, helper, numpy_helper
 
@@ -293,7 +293,7 @@ def test_request_waiting_for_room_fails_at_its_deadline_and_never_runs():
 
 
 def test_backpressure_valve_shuts_while_a_stream_message_waits_for_room():
-    from convserve.server.batcher import Backpressure
+    from convserve.server.runtime.batcher import Backpressure
 
     gate = Gate()
 

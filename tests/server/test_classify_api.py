@@ -56,8 +56,8 @@ def test_rgb_jpeg_and_resize(classifier: Any, model_repository: Path, run_refere
     """A 40x24 RGB JPEG is decoded and resized to the model's 16x16 input; the answer is the model's."""
     import io
 
-    from convserve.server.model_config import load_config
-    from convserve.server.preprocess import image_to_array
+    from convserve.common.model_config import load_config
+    from convserve.server.runtime.preprocess import image_to_array
     from PIL import Image
 
     rng = np.random.default_rng(1)

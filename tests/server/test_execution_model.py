@@ -20,18 +20,18 @@ import pytest
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc
 from convserve.protos.inference import grpc_service_pb2 as v2pb
-from convserve.server.batcher import BatchingPolicy
+from convserve.server.runtime.batcher import BatchingPolicy
 from convserve.server.errors import InvalidInputError, ReplyTooLargeError
-from convserve.server.inference import (
+from convserve.server.core.inference import (
     EncodedImage,
     InferenceCore,
     InferenceRequest,
     RequestedOutput,
     TensorInput,
 )
-from convserve.server.metrics import Metrics
-from convserve.server.repository import ModelRepository
-from convserve.server.served_model import _spins
+from convserve.server.observability.metrics import Metrics
+from convserve.server.repository.model_repository import ModelRepository
+from convserve.server.runtime.served_model import _spins
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
@@ -404,7 +404,7 @@ def test_cheap_single_images_leave_the_loop_only_while_it_is_saturated_by_concur
     LeNet at C=32 (~1.8k vs ~2.4k req/s through the batcher). The rule, on a scripted clock: a loop on CPU
     most of a window offloads; it keeps offloading while requests overlap in the batcher; a serial client
     (no overlap) goes back inline and is not offloaded again during the back-off; a quiet loop goes back."""
-    from convserve.server import served_model as sm
+    from convserve.server.runtime import served_model as sm
 
     w = sm.LOOP_WINDOW_S * 1.01  # a window and a bit: no float rounding at the boundary
     clock = {"now": 1000.0, "cpu": 0.0, "reads": 0}

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from convserve.server.autocomplete import complete_from_graph
-from convserve.server.config_source import read_model_config
-from convserve.server.model_config import ModelConfigError, write_config
-from convserve.server.triton_config import read_pbtxt
+from convserve.server.repository.autocomplete import complete_from_graph
+from convserve.server.repository.config_source import read_model_config
+from convserve.common.model_config import ModelConfigError, write_config
+from convserve.server.repository.triton_config import read_pbtxt
 
 FULL = """
 # A Triton model configuration as Triton's docs write them.
