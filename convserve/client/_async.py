@@ -9,9 +9,10 @@ from typing import Any
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2_grpc
+
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc as pb_grpc
-from grpc_health.v1 import health_pb2_grpc
 
 from . import _core as core
 from .errors import ConvserveError, DeadlineExceededError, ServerUnavailableError

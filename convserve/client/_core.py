@@ -17,8 +17,9 @@ from typing import Any
 
 import grpc
 import numpy as np
-from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from grpc_health.v1 import health_pb2
+
+from convserve.protos.convserve.v1 import classifier_pb2 as pb
 
 from .errors import ConvserveError, InvalidInputError, error_for
 from .inputs import ImageInput, to_image, to_images

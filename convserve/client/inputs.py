@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 
 from .errors import InvalidInputError

@@ -14,8 +14,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from convserve.common.model_config import InputSpec, ModelConfig, Preprocessing
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from convserve.common.model_config import InputSpec, ModelConfig, Preprocessing
 
 # The held-out split is part of the dataset's definition, not of a training run: it is seeded by
 # this constant (never by --seed) so `convserve evaluate` rebuilds exactly the images training never saw.

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from convserve.common.model_config import MODEL_FILE, ModelConfig, ModelConfigError, load_config
 
 from . import data as datamod

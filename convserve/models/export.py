@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+
 from convserve.common.model_config import MODEL_FILE, ModelConfig, ModelConfigError
 from convserve.common.model_entry import EntryWriteError, check_writable, next_version, write_entry
-from torch import nn
 
 from .functional import ONNX_OPSET, onnx_translation_table
 from .layers import Conv2d

@@ -38,6 +38,7 @@ def inspect_model(model_dir: Path, image_path: Path, version: int | None = None)
     """
     import onnx
     import onnxruntime as ort
+
     from convserve.common.model_config import ModelConfigError, load_config
     from convserve.server.runtime.preprocess import decode_image
 

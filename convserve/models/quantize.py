@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
 from convserve.common.model_config import (
     MODEL_FILE,
     ModelConfig,

@@ -150,6 +150,7 @@ def measure(model_dirs: Sequence[Path], data_spec: str = "digits", split: str = 
 
 def _load(model_dir: Path, version: int | None = None) -> tuple[Any, Path, int]:
     import onnx
+
     from convserve.common.model_config import ModelConfigError, load_config
 
     try:

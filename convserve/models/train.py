@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from convserve.common.model_config import ModelConfig, ModelConfigError
 from torch import Tensor, nn
+
+from convserve.common.model_config import ModelConfig, ModelConfigError
 
 from . import data as datamod
 from . import plots

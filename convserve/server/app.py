@@ -26,21 +26,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from .observability import logs
-from .processes.cores import usable_cores
-from .health import Health
-from .rest import HttpFrontEnd, start_http
+from .core.control import ControlPlane
 from .core.inference import InferenceCore
-from .grpc.edge import Edge
-from .grpc.auth import TokenAuthInterceptor
-from .tokens import read_tokens
-from .processes.memory import HeapTrimmer
-from .observability.metrics import Metrics
-from .repository.model_repository import ModelRepository, RepositoryUnavailableError, check_root
 from .grpc import classify, inference_v2
-from .settings import Settings
-from .processes.sockets import shut_down_port
+from .grpc.auth import TokenAuthInterceptor
+from .grpc.edge import Edge
+from .health import Health
+from .observability import logs
+from .observability.metrics import Metrics
 from .observability.triton_metrics import TritonCollector
+from .processes.cores import usable_cores
+from .processes.memory import HeapTrimmer
+from .processes.sockets import shut_down_port
+from .repository.model_repository import ModelRepository, RepositoryUnavailableError, check_root
+from .rest import HttpFrontEnd, start_http
+from .settings import Settings
+from .tokens import read_tokens
 
 log = logging.getLogger("convserve.server")
 
@@ -142,7 +143,7 @@ class RunningServer:
         await _replies_sent(deadline)
         # Every call we were handed has finished (or the grace is over); what is left on the connections
         # are calls grpc core holds unhanded, and new ones: end the connections under core so that their
-        # clients see UNAVAILABLE, before core's own shutdown answers them CANCELLED (server/processes/sockets.py).
+        # clients see UNAVAILABLE, before core's own shutdown answers them CANCELLED (processes/sockets.py).
         shut_down_port(self.grpc_port, self._unix_path)
         await self.server.stop(max(0.0, deadline - time.monotonic()))
         await self.repository.stop(max(0.0, deadline - time.monotonic()))
@@ -236,8 +237,9 @@ async def start_server(
         ],
     )
     core = InferenceCore(repository, settings, metrics)
+    control = ControlPlane(repository, settings, health)
     classifier = classify.ClassifierService(repository, settings, metrics, health, core)
-    v2 = inference_v2.InferenceService(repository, settings, metrics, health, core)
+    v2 = inference_v2.InferenceService(repository, settings, metrics, health, core, control)
     edge.register(server, classifier, classify.SERVICE)
     edge.register(server, v2, inference_v2.SERVICE, probes=inference_v2.PROBES)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
@@ -259,7 +261,7 @@ async def start_server(
     try:
         if settings.http_enabled:
             http = await start_http(
-                settings, v2=v2, core=core, health=health, edge=edge, tokens=tokens, reuse_port=share_ports
+                settings, control=control, core=core, edge=edge, tokens=tokens, reuse_port=share_ports
             )
         if settings.metrics_enabled:
             metrics_port = metrics.start_http_server(

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from convserve.models import data, evaluate
-from convserve.common.model_config import load_config
-from convserve.testing.prerequisites import unavailable
 from PIL import Image
+
+from convserve.common.model_config import load_config
+from convserve.models import data, evaluate
+from convserve.testing.prerequisites import unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "model_repository" / "digits_lenet"

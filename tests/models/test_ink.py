@@ -7,9 +7,10 @@ import io
 
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw
+
 from convserve.common.model_config import ModelConfig, ModelConfigError, Preprocessing
 from convserve.server.runtime.preprocess import decode_image, image_to_array, normalize_ink
-from PIL import Image, ImageDraw
 
 LABELS = tuple("0123456789")
 INK = ModelConfig(name="ink", preprocessing=Preprocessing(polarity="auto", fit_ink=20),

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from convserve.models import data, fonts, generalisation, synth
+
 from convserve.common.model_config import ModelConfig, Preprocessing
+from convserve.models import data, fonts, generalisation, synth
 from convserve.server.runtime.preprocess import image_to_array
 from convserve.testing.prerequisites import unavailable
 

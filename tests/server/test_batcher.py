@@ -15,9 +15,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from convserve.server.runtime.batcher import Batcher
-from convserve.server.errors import DeadlineExpiredError, DrainingError, InvalidInputError, QueueFullError
 from onnx import TensorProto, helper, numpy_helper
+
+from convserve.server.errors import DeadlineExpiredError, DrainingError, InvalidInputError, QueueFullError
+from convserve.server.runtime.batcher import Batcher
 
 pytestmark = pytest.mark.timeout(60)
 

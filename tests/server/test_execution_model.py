@@ -17,11 +17,12 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc
 from convserve.protos.inference import grpc_service_pb2 as v2pb
-from convserve.server.runtime.batcher import BatchingPolicy
-from convserve.server.errors import InvalidInputError, ReplyTooLargeError
 from convserve.server.core.inference import (
     EncodedImage,
     InferenceCore,
@@ -29,11 +30,11 @@ from convserve.server.core.inference import (
     RequestedOutput,
     TensorInput,
 )
+from convserve.server.errors import InvalidInputError, ReplyTooLargeError
 from convserve.server.observability.metrics import Metrics
 from convserve.server.repository.model_repository import ModelRepository
+from convserve.server.runtime.batcher import BatchingPolicy
 from convserve.server.runtime.served_model import _spins
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
 
 from ..conftest import test_settings
 

@@ -8,8 +8,8 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+
 from convserve.server.observability import logs as ls
-from convserve.server.errors import InvalidInputError
 
 
 @pytest.fixture
@@ -100,28 +100,6 @@ def test_configuring_twice_replaces_the_handler(stream: io.StringIO) -> None:
     assert len(lines(stream)) == 1
     with pytest.raises(ValueError, match="log format"):
         ls.configure_logging("INFO", "xml", stream=stream)
-
-
-def test_request_id_is_taken_from_metadata_when_sane_else_generated() -> None:
-    assert ls.request_id_from_metadata([("other", "x"), ("x-request-id", "trace-42")]) == "trace-42"
-    assert ls.request_id_from_metadata([("x-request-id", b"bytes-id")]) == "bytes-id"
-    generated = ls.request_id_from_metadata(None)
-    assert len(generated) == 32 and int(generated, 16) >= 0
-    assert ls.request_id_from_metadata([]) != generated
-    for bad in ("", "has space", "new\nline", "x" * 129, "ünïcode"):
-        rid = ls.request_id_from_metadata([("x-request-id", bad)])
-        assert rid != bad and len(rid) == 32
-
-
-def test_request_ids_in_bodies_are_echoed_exactly_or_refused_by_name() -> None:
-    longest = "x" * ls.MAX_CLIENT_ID_CHARS
-    for given in ("trace-42", "", "my request #1", "{3f2a}", "a b", "ünïcode ✓", longest):
-        assert ls.echo_request_id(given, "id") == given
-        assert ls.error_reply_id(given) == given
-    too_long = "r" * (ls.MAX_CLIENT_ID_CHARS + 1)
-    with pytest.raises(InvalidInputError, match=r"^request_id: expected at most 1024 characters, got 1025$"):
-        ls.echo_request_id(too_long, "request_id")
-    assert ls.error_reply_id(too_long) == ""
 
 
 @pytest.mark.parametrize("fmt", ["json", "text"])

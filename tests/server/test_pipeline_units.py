@@ -6,8 +6,11 @@ import io
 
 import numpy as np
 import pytest
-from convserve.server.errors import InvalidInputError
+from PIL import Image
+
 from convserve.common.model_config import ModelConfig, Preprocessing
+from convserve.server.errors import InvalidInputError
+from convserve.server.repository.model_repository import parse_version, validate_model_name
 from convserve.server.runtime.postprocess import (
     SMALL_OUTPUT_VALUES,
     classify,
@@ -18,9 +21,7 @@ from convserve.server.runtime.postprocess import (
     top_k,
 )
 from convserve.server.runtime.preprocess import ImageLimits, decode_image, stack, tensor_to_array
-from convserve.server.repository.model_repository import parse_version, validate_model_name
 from convserve.server.runtime.session import provider_list
-from PIL import Image
 
 GRAY = ModelConfig(name="g", labels=tuple("abcd"))
 RGB = ModelConfig(

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from convserve.common.model_config import ModelConfigError, write_config
 from convserve.server.repository.autocomplete import complete_from_graph
 from convserve.server.repository.config_source import read_model_config
-from convserve.common.model_config import ModelConfigError, write_config
 from convserve.server.repository.triton_config import read_pbtxt
 
 FULL = """
@@ -172,6 +173,7 @@ def test_polling_reloads_an_edited_config_pbtxt(server_factory: Any, tmp_path: P
     import time
 
     import grpc
+
     from convserve.protos.inference import grpc_service_pb2 as pb
     from convserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 

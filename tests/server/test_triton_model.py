@@ -6,8 +6,8 @@ import random
 from dataclasses import dataclass
 
 from convserve.common.model_config import Batching, ModelConfig, VersionPolicy
-from convserve.server.settings import Settings
 from convserve.server.core.triton_model import model_config, model_statistics
+from convserve.server.settings import Settings
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ from typing import Protocol, TypeVar, overload
 
 import numpy as np
 
-from ..runtime.batcher import Backpressure
+from convserve.common.model_config import ModelConfig
+
 from ..errors import (
     ConvserveServerError,
     DeadlineExpiredError,
@@ -43,10 +44,10 @@ from ..errors import (
     failure,
 )
 from ..observability.metrics import API_NAMES, Metrics
-from convserve.common.model_config import ModelConfig
+from ..repository.model_repository import ModelRepository
+from ..runtime.batcher import Backpressure
 from ..runtime.postprocess import classify, resolve_top_k
 from ..runtime.preprocess import ImageLimits, decode_image, open_image, stack, tensor_to_array
-from ..repository.model_repository import ModelRepository
 from ..runtime.served_model import ServedModel
 from ..settings import Settings
 

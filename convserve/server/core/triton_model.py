@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from convserve.common.model_config import ModelConfig
 from convserve.protos.inference import grpc_service_pb2 as pb
 from convserve.protos.inference import model_config_pb2 as mc
 
-from convserve.common.model_config import ModelConfig
+from ..observability.stats import Duration, StatsSnapshot
 from ..repository.model_repository import ModelEntry
 from ..runtime.served_model import ModelState
 from ..settings import Settings
-from ..observability.stats import Duration, StatsSnapshot
 
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"

@@ -6,11 +6,13 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
+
+from convserve.common.model_config import ModelConfig
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc as pb_grpc
 
-from ..errors import InvalidInputError, ModelNotFoundError, PermissionDeniedError
-from ..health import Health
+from ..calls import current_call
+from ..core.control import require_model_control
 from ..core.inference import (
     Backpressure,
     EncodedImage,
@@ -21,10 +23,10 @@ from ..core.inference import (
     RequestedOutput,
     TensorInput,
 )
-from ..calls import current_call
-from ..observability.request_ids import echo_request_id, error_reply_id
+from ..errors import InvalidInputError, ModelNotFoundError
+from ..health import Health
 from ..observability.metrics import Metrics
-from convserve.common.model_config import ModelConfig
+from ..observability.request_ids import echo_request_id, error_reply_id
 from ..repository.model_repository import ModelEntry, ModelRepository
 from ..runtime.served_model import ModelState
 from ..settings import Settings
@@ -193,7 +195,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     async def LoadModel(
         self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.LoadModelResponse:
-        self._check_model_control()
+        require_model_control(self.settings)
         current_call().model = request.model
         entry = await self.repository.reload(request.model)
         return pb.LoadModelResponse(model=pb.ModelSummary(name=entry.name, versions=_versions(entry)))
@@ -201,16 +203,11 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     async def UnloadModel(
         self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.UnloadModelResponse:
-        self._check_model_control()
+        require_model_control(self.settings)
         current_call().model = request.model
         entry = await self.repository.unload(request.model, request.version)
         return pb.UnloadModelResponse(model=pb.ModelSummary(name=entry.name, versions=_versions(entry)))
 
-    def _check_model_control(self) -> None:
-        if not self.settings.allow_model_control:
-            raise PermissionDeniedError(
-                "model control is off on this server; start it with --allow-model-control (which needs auth)"
-            )
 
 
 def _inputs(request: pb.ClassifyRequest, cfg: ModelConfig) -> list[Input]:

@@ -10,10 +10,10 @@ from typing import TypeVar
 
 import grpc
 
-from ..runtime.batcher import Backpressure
+from ..calls import current_call, error_status
 from ..errors import DrainingError
 from ..health import Health
-from ..calls import current_call, error_status
+from ..runtime.batcher import Backpressure
 from .edge import require_message
 
 Req = TypeVar("Req")

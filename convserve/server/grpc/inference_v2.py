@@ -17,11 +17,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
+
+from convserve.common.model_config import ModelConfig
 from convserve.protos.inference import grpc_service_pb2 as pb
 from convserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
-from ..errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError, status_message
-from ..health import Health
+from ..calls import current_call
+from ..core.control import ControlPlane
 from ..core.inference import (
     Backpressure,
     EncodedImage,
@@ -32,32 +34,21 @@ from ..core.inference import (
     RequestedOutput,
     TensorInput,
 )
-from ..calls import current_call
-from ..observability.request_ids import echo_request_id, error_reply_id
+from ..core.v2_tensors import classification_strings, deserialize_bytes, serialize_bytes
+from ..errors import InvalidInputError, status_message
+from ..health import Health
 from ..observability.metrics import Metrics
-from convserve.common.model_config import ModelConfig
+from ..observability.request_ids import echo_request_id, error_reply_id
 from ..repository.model_repository import ModelRepository, parse_version
 from ..settings import Settings
-from ..core.v2_tensors import classification_strings, deserialize_bytes, serialize_bytes
 from .common import deadline_of, stream_replies
-from .triton_extensions import SERVED as TRITON_EXTENSIONS
 from .triton_extensions import TritonExtensions
 
 API = "v2"
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 # Answered while draining so probes can watch a replica go away.
 PROBES = ("ServerLive", "ServerReady", "ModelReady")
-EXTENSIONS = ("classification", *TRITON_EXTENSIONS)
 CLASSIFICATION = "classification"
-
-
-def _server_version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("convserve")
-    except metadata.PackageNotFoundError:
-        return "0"
 
 
 class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
@@ -70,15 +61,16 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
         metrics: Metrics,
         health: Health,
         core: InferenceCore | None = None,
+        control: ControlPlane | None = None,
     ) -> None:
         self.repository = repository
         self.settings = settings
         self.metrics = metrics
         self.health = health
         self.core = core or InferenceCore(repository, settings, metrics)
-        self.version = _server_version()
+        self.control = control or ControlPlane(repository, settings, health)
 
-    # ---- server and model status -----------------------------------------------------------------
+    # ---- server and model status: the control plane's answers ------------------------------------
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -88,53 +80,23 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.health.serving)
+        return pb.ServerReadyResponse(ready=self.control.ready)
 
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=self.not_ready_reason(request.name, request.version) is None)
-
-    def not_ready_reason(self, name: str, version_text: str) -> str | None:
-        """Why the model (version) cannot serve now, or None when it can.
-
-        An unknown model or version is not ready rather than an error, as Triton answers, so readiness
-        probes get ``ready: false``; a malformed name or version still raises InvalidInputError.
-        """
-        version = parse_version(version_text, "version")
-        try:
-            self.repository.resolve(name, version, "name")
-        except (ModelNotFoundError, ModelNotReadyError) as exc:
-            return str(exc)
-        return "the server is shutting down" if self.health.draining else None
+        why = self.control.not_ready_reason(request.name, request.version)
+        return pb.ModelReadyResponse(ready=why is None)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="convserve", version=self.version, extensions=list(EXTENSIONS))
+        return self.control.server_metadata()
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        entry = self.repository.entry(request.name, "name")
-        cfg = entry.config
-        if cfg is None:
-            raise ModelNotReadyError(f"model {entry.name!r} is not ready: {entry.error}")
-        version = parse_version(request.version, "version")
-        if version:
-            self.repository.resolve(entry.name, version, "name")
-            versions = [str(version)]
-        else:
-            ready = [str(v) for v, sm in sorted(entry.versions.items()) if sm.ready]
-            versions = ready or [str(v) for v in sorted(entry.versions)]
-        T = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
-            name=entry.name,
-            versions=versions,
-            platform=cfg.platform,
-            inputs=[T(name=cfg.input.name, datatype="FP32", shape=[cfg.batch_dim, *cfg.input.shape])],
-            outputs=[T(name=cfg.output.name, datatype="FP32", shape=[cfg.batch_dim, cfg.num_classes])],
-        )
+        return self.control.model_metadata(request.name, request.version)
 
     # ---- inference -------------------------------------------------------------------------------
 

@@ -7,18 +7,16 @@ level of the line, the text formatter appends them as `key=value`. Request ids a
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import re
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, TextIO
 
-from ..errors import InvalidInputError, truncate
+from ..errors import truncate
 
 __all__ = [
     "ACCESS_LOGGER",

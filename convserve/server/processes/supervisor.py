@@ -1,7 +1,7 @@
 """The supervisor of N serving processes sharing the ports: start them, replace one that dies, drain them
 all on SIGTERM, and serve the one /metrics that sums theirs (docs/DESIGN.md, "Worker processes").
 
-Each worker is a full convserve server (``server/processes/worker.py``) binding the same gRPC and REST ports with
+Each worker is a full convserve server (``worker.py`` here) binding the same gRPC and REST ports with
 SO_REUSEPORT; the kernel spreads connections (not requests) over them. The supervisor reserves each port
 first with a socket bound (never listening) with SO_REUSEPORT, and holds it for its whole life: with
 ``--grpc-port 0`` every worker gets the same real port without a probe-then-bind race, and a replacement
@@ -28,9 +28,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..app import check_port_file, write_port_file
-from .cores import usable_cores
 from ..observability.metrics_sum import MetricsSum
 from ..settings import Settings
+from .cores import usable_cores
 from .worker import WorkerPlan, control_call, control_path, grpc_address, write_plan
 
 log = logging.getLogger("convserve.supervisor")

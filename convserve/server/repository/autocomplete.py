@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from convserve.common.model_config import MODEL_FILE, ModelConfig, ModelConfigError
+
 from .model_files import STRICT, Boundary, check_graph
 
 # Channel count → the PIL mode encoded images are converted to.

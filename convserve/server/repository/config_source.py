@@ -2,8 +2,8 @@
 
 All three end as the one ModelConfig (common/model_config.py). config.json is convserve's complete
 format (preprocessing, labels, output kind); config.pbtxt is read for Triton repositories
-(server/repository/triton_config.py); a folder holding only ``<version>/model.onnx`` is completed from its latest
-graph (server/repository/autocomplete.py).
+(triton_config.py here); a folder holding only ``<version>/model.onnx`` is completed from its latest
+graph (autocomplete.py).
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .autocomplete import complete_from_graph
 from convserve.common.model_config import CONFIG_FILE, ModelConfig, load_config
+
+from .autocomplete import complete_from_graph
 from .model_files import STRICT, Boundary
 from .triton_config import PBTXT_FILE, read_pbtxt
 

@@ -3,7 +3,7 @@
 A graph over 2 GB (and torch's default export) keeps its weights in files beside ``model.onnx``; each
 initializer names its file in ``external_data`` (``location``, ``offset``, ``length``). ONNX Runtime opens
 those files itself, from C++, so the server must read the names first to keep every read inside the
-model's version folder (server/repository/model_files.py). Only the wire format and the field numbers of onnx.proto
+model's version folder (model_files.py). Only the wire format and the field numbers of onnx.proto
 are used here.
 """
 

@@ -1,6 +1,6 @@
 """``convserve import``: an ONNX file made elsewhere (torchvision, the ONNX model zoo) → a complete entry.
 
-The graph gives the input/output names, (C, H, W) and the class count (server/repository/autocomplete.py); the user
+The graph gives the input/output names, (C, H, W) and the class count (autocomplete.py here); the user
 adds what a graph cannot say: labels, the normalisation it was trained with, whether it ends in a softmax.
 Nothing is written until the server's own loader has accepted the graph against the config and an
 encoded image and a random batch have run through it; then the entry is written atomically

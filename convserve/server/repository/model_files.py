@@ -14,8 +14,9 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .external_data import ExternalTensor, GraphFormatError, external_tensors
 from convserve.common.model_config import ModelConfigError
+
+from .external_data import ExternalTensor, GraphFormatError, external_tensors
 
 __all__ = ["STRICT", "Boundary", "ModelFileError", "check_graph"]
 

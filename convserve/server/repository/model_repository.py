@@ -14,13 +14,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config_source import CONFIG_FILES, read_model_config
+from convserve.common.model_config import MODEL_FILE, NAME_PATTERN, ModelConfig, ModelConfigError
+
 from ..errors import ConvserveServerError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from ..observability.metrics import Metrics
-from convserve.common.model_config import MODEL_FILE, NAME_PATTERN, ModelConfig, ModelConfigError
-from .model_files import Boundary, ModelFileError
 from ..runtime.served_model import ModelState, ServedModel
 from ..settings import Settings
+from .config_source import CONFIG_FILES, read_model_config
+from .model_files import Boundary, ModelFileError
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class ModelRepository:
         self._settling: dict[
             str, tuple[object, ...]
         ] = {}  # polling: changes seen once, awaiting a second look
-        # Worker processes: passes each model-control request on to the sibling workers (server/processes/worker.py).
+        # Worker processes: passes each model-control request on to the sibling workers (processes/worker.py).
         self.on_control: ControlListener | None = None
 
     # ---- scanning and loading --------------------------------------------------------------------

@@ -21,16 +21,8 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from convserve.protos.inference import model_config_pb2 as mc
 from google.protobuf import text_format
 
-from .autocomplete import (
-    COLOR_MODES,
-    DEFAULT_MAX_BATCH_SIZE,
-    GraphSignature,
-    latest_model_file,
-    read_signature,
-)
 from convserve.common.model_config import (
     MAX_INPUT_ELEMENTS,
     MAX_LABEL_BYTES,
@@ -38,6 +30,15 @@ from convserve.common.model_config import (
     ModelConfig,
     ModelConfigError,
     read_config_text,
+)
+from convserve.protos.inference import model_config_pb2 as mc
+
+from .autocomplete import (
+    COLOR_MODES,
+    DEFAULT_MAX_BATCH_SIZE,
+    GraphSignature,
+    latest_model_file,
+    read_signature,
 )
 from .model_files import STRICT, Boundary
 

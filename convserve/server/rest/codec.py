@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidInputError
-from ..core.inference import EncodedImage, InferenceResult, Input, RequestedOutput, TensorInput
 from convserve.common.model_config import ModelConfig
+
+from ..core.inference import EncodedImage, InferenceResult, Input, RequestedOutput, TensorInput
 from ..core.v2_tensors import classification_strings, deserialize_bytes, serialize_bytes
+from ..errors import InvalidInputError
 from . import json_body
 
 __all__ = [

@@ -22,9 +22,8 @@ from aiohttp import web
 from aiohttp.http import RawRequestMessage
 from aiohttp.web_protocol import RequestHandler
 
+from ..calls import CallInfo, Calls, error_status
 from ..errors import InvalidInputError, failure
-from ..calls import CallInfo, error_status
-from ..calls import Calls
 from ..observability.request_ids import REQUEST_ID_KEY, new_request_id
 from .edge import json_error
 

@@ -16,11 +16,10 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
 
+from ..calls import CallInfo, Calls, bind_call, error_status, unbind_call
 from ..errors import RequestTooLargeError, UnauthenticatedError, failure
-from ..calls import CallInfo, bind_call, error_status, unbind_call
-from ..calls import Calls
-from ..tokens import bearer_valid
 from ..observability.request_ids import REQUEST_ID_KEY, request_id_from_metadata
+from ..tokens import bearer_valid
 
 __all__ = ["PROBES", "PUBLIC", "RestEdge", "json_error", "json_response"]
 

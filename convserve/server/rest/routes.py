@@ -1,9 +1,9 @@
 """The v2 REST endpoints: HTTP ↔ the same calls the gRPC front end makes, nothing decided here.
 
 Inference converts the body (``codec``) and calls the one inference core. Health, metadata, model
-configuration, statistics and the repository are Triton's protobuf messages in JSON form, so each
-route builds the request message the gRPC service would receive, awaits the same handler, and prints
-its reply as Triton's JSON (``messages``): the REST and gRPC answers cannot drift apart.
+configuration, statistics and the repository are the control plane's (``server/core/control.py``), whose
+answers are the protocol's messages: each route passes the path's and body's fields and prints the
+answer as Triton's JSON (``messages``), so the REST and gRPC answers cannot drift apart.
 """
 
 from __future__ import annotations
@@ -12,16 +12,13 @@ import asyncio
 from typing import Any
 
 from aiohttp import web
-from convserve.protos.inference import grpc_service_pb2 as pb
 
-from ..errors import InvalidInputError, RequestTooLargeError
-from ..health import Health
-from ..core.inference import InferenceCore, InferenceRequest
 from ..calls import current_call
+from ..core.control import ControlPlane, not_served
+from ..core.inference import InferenceCore, InferenceRequest
+from ..errors import InvalidInputError, RequestTooLargeError
 from ..observability.request_ids import echo_request_id
 from ..repository.model_repository import parse_version
-from ..grpc.inference_v2 import InferenceService
-from ..grpc.triton_extensions import not_served
 from . import json_body
 from .codec import HEADER_LENGTH, binary_output_names, encode_reply, inputs_of, outputs_of, parse_body
 from .edge import json_error, json_response
@@ -41,12 +38,11 @@ def _version(request: web.Request) -> str:
 
 
 class Routes:
-    """Every REST endpoint, over the gRPC v2 service's handlers and the inference core."""
+    """Every REST endpoint, over the control plane and the inference core."""
 
-    def __init__(self, v2: InferenceService, core: InferenceCore, health: Health, max_body: int) -> None:
-        self.v2 = v2
+    def __init__(self, control: ControlPlane, core: InferenceCore, max_body: int) -> None:
+        self.control = control
         self.core = core
-        self.health = health
         self.max_body = max_body
         self._big_parse = asyncio.Lock()
 
@@ -98,41 +94,34 @@ class Routes:
     async def ready(self, request: web.Request) -> web.Response:
         """200 ``{"ready": true}`` once models are loaded; 400 ``{"ready": false, "error": why}`` before
         that and for good once draining: the Open Inference Protocol's 4xx for false (probes, no log line)."""
-        if self.health.serving:
+        why = self.control.server_not_ready_reason()
+        if why is None:
             return json_response({"ready": True})
-        why = "shutting down" if self.health.draining else "no model version is ready yet (loading or failed)"
-        return json_response({"ready": False, "error": f"server is not ready: {why}"}, 400)
+        return json_response({"ready": False, "error": why}, 400)
 
     async def model_ready(self, request: web.Request) -> web.Response:
         """200 ``{"name", "ready": true}``; 400 naming why when not ready, unknown models and versions
         included (the protocol's 4xx for false, as Triton answers)."""
         name = _model(request)
-        why = self.v2.not_ready_reason(name, _version(request))
+        why = self.control.not_ready_reason(name, _version(request))
         if why is None:
             return json_response({"name": name, "ready": True})
         return json_error(400, f"model {name!r} is not ready: {why}")
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        reply = await self.v2.ServerMetadata(pb.ServerMetadataRequest(), None)
-        reply.extensions.extend(EXTENSIONS_EXTRA)
-        return json_response(message_json(reply))
+        return json_response(message_json(self.control.server_metadata(EXTENSIONS_EXTRA)))
 
     async def model_metadata(self, request: web.Request) -> web.Response:
-        name = _model(request)
-        msg = pb.ModelMetadataRequest(name=name, version=_version(request))
-        reply = await self.v2.ModelMetadata(msg, None)
+        reply = self.control.model_metadata(_model(request), _version(request))
         return json_response(message_json(reply))
 
     async def model_config(self, request: web.Request) -> web.Response:
-        name = _model(request)
-        reply = await self.v2.ModelConfig(pb.ModelConfigRequest(name=name, version=_version(request)), None)
+        reply = self.control.model_config(_model(request), _version(request))
         return json_response(message_json(reply.config))
 
     async def statistics(self, request: web.Request) -> web.Response:
         name = request.match_info.get("model", "")
-        current_call().model = name
-        msg = pb.ModelStatisticsRequest(name=name, version=_version(request))
-        return json_response(message_json(await self.v2.ModelStatistics(msg, None)))
+        return json_response(message_json(self.control.model_statistics(name, _version(request))))
 
     # ---- model repository ---------------------------------------------------------------------------
 
@@ -141,19 +130,16 @@ class Routes:
         ready = body.get("ready", False)
         if not isinstance(ready, bool):
             raise InvalidInputError(f"ready: expected true or false, got {ready!r}")
-        reply = await self.v2.RepositoryIndex(pb.RepositoryIndexRequest(ready=ready), None)
-        return json_response(message_json(reply)["models"])
+        return json_response(message_json(self.control.repository_index("", ready))["models"])
 
     async def load(self, request: web.Request) -> web.Response:
-        msg = pb.RepositoryModelLoadRequest(model_name=_model(request))
-        _repository_parameters(await self._json(request), msg.parameters)
-        await self.v2.RepositoryModelLoad(msg, None)
+        name = _model(request)
+        await self.control.load(name, parameters=_repository_parameters(await self._json(request)))
         return web.Response(status=200)
 
     async def unload(self, request: web.Request) -> web.Response:
-        msg = pb.RepositoryModelUnloadRequest(model_name=_model(request))
-        _repository_parameters(await self._json(request), msg.parameters)
-        await self.v2.RepositoryModelUnload(msg, None)
+        name = _model(request)
+        await self.control.unload(name, parameters=_repository_parameters(await self._json(request)))
         return web.Response(status=200)
 
     # ---- inference ----------------------------------------------------------------------------------
@@ -228,19 +214,14 @@ def _model(request: web.Request) -> str:
     return name
 
 
-def _repository_parameters(body: dict[str, Any], out: Any) -> None:
-    """``{"parameters": {k: bool|int|str}}`` into a ModelRepositoryParameter map."""
+def _repository_parameters(body: dict[str, Any]) -> list[str]:
+    """The names of ``{"parameters": {k: bool|int|str}}``, each value's type checked as the protocol's."""
     params = body.get("parameters", {})
     if not isinstance(params, dict):
         raise InvalidInputError(f"parameters: expected a JSON object, got {type(params).__name__}")
     for key, value in params.items():
-        if isinstance(value, bool):
-            out[key].bool_param = value
-        elif isinstance(value, int):
-            out[key].int64_param = value
-        elif isinstance(value, str):
-            out[key].string_param = value
-        else:
+        if not isinstance(value, (bool, int, str)):
             raise InvalidInputError(
                 f"parameters[{key!r}]: expected a boolean, integer or string, got {type(value).__name__}"
             )
+    return list(params)

@@ -10,10 +10,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from ..health import Health
-from ..core.inference import InferenceCore
 from ..calls import Calls
-from ..grpc.inference_v2 import InferenceService
+from ..core.control import ControlPlane
+from ..core.inference import InferenceCore
 from ..settings import Settings
 from .connection import PipelinedRunner
 from .edge import RestEdge
@@ -66,9 +65,8 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
 async def start_http(
     settings: Settings,
     *,
-    v2: InferenceService,
+    control: ControlPlane,
     core: InferenceCore,
-    health: Health,
     edge: Calls,
     tokens: Sequence[bytes],
     reuse_port: bool = False,
@@ -77,7 +75,7 @@ async def start_http(
     ``reuse_port``: share the port with sibling worker processes (SO_REUSEPORT)."""
     limit = settings.max_message_bytes
     app = web.Application(middlewares=[RestEdge(edge, tokens).middleware], client_max_size=limit)
-    Routes(v2, core, health, limit).add_to(app)
+    Routes(control, core, limit).add_to(app)
     # handler_cancellation: a client that disconnects cancels its handler, and so its work in the core.
     # PipelinedRunner: pipelined requests before a malformed one are answered, parser errors in v2 JSON.
     runner = PipelinedRunner(

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
 from convserve.server.errors import (
     DeadlineExpiredError,
     DrainingError,

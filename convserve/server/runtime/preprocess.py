@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
-from ..errors import InvalidInputError
 from convserve.common.model_config import ModelConfig, Preprocessing
+
+from ..errors import InvalidInputError
 
 DEFAULT_MAX_PIXELS = 16_000_000
 

@@ -12,15 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .batcher import Backpressure, Batcher, BatchingPolicy
+from convserve.common.model_config import ModelConfig
+
 from ..errors import DeadlineExpiredError, ModelNotReadyError
 from ..observability.metrics import Metrics
-from ..repository.model_check import warm_up
-from convserve.common.model_config import ModelConfig
-from ..repository.model_files import Boundary
-from .session import OnnxSession, SessionOptions, inline_options
-from ..settings import Settings
 from ..observability.stats import ModelStats
+from ..repository.model_check import warm_up
+from ..repository.model_files import Boundary
+from ..settings import Settings
+from .batcher import Backpressure, Batcher, BatchingPolicy
+from .session import OnnxSession, SessionOptions, inline_options
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from convserve.common.model_config import ModelConfig
+
 from ..repository.model_files import STRICT, Boundary, check_graph
 from ..settings import Settings
 
