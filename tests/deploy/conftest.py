@@ -164,7 +164,7 @@ def rest_route() -> Any:
     from convserve.server.rest.routes import Routes
 
     app = web.Application()
-    Routes(None, None, None, 0).add_to(app)  # type: ignore[arg-type]  # handlers are only registered
+    Routes(None, None, 0).add_to(app)  # type: ignore[arg-type]  # handlers are only registered
     names = {r.canonical: r.name for r in app.router.resources() if r.name}
 
     def route(path: str) -> tuple[str, bool, bool]:
