@@ -50,7 +50,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -212,26 +212,11 @@ class Batcher:
     def __init__(
         self,
         run: Callable[[np.ndarray], np.ndarray],
+        policy: BatchingPolicy,
         *,
-        max_batch_size: int = 0,
-        max_queue_delay_us: int = 0,
-        max_queue_size: int = 1024,
-        preferred_batch_sizes: Sequence[int] = (),
-        instances: int = 1,
         observer: BatchObserver | None = None,
-        batching: bool = True,
         name: str = "model",
-        policy: BatchingPolicy | None = None,
     ) -> None:
-        if policy is None:
-            policy = BatchingPolicy(
-                max_batch_size=max_batch_size,
-                enabled=batching,
-                max_queue_delay_us=max_queue_delay_us,
-                max_queue_size=max_queue_size,
-                preferred_batch_sizes=tuple(preferred_batch_sizes),
-                instances=instances,
-            )
         self.policy = policy
         max_batch_size, max_queue_delay_us = policy.max_batch_size, policy.max_queue_delay_us
         max_queue_size, instances, batching = policy.max_queue_size, policy.instances, policy.enabled

@@ -210,7 +210,7 @@ class ServedModel:
             except Exception:  # the sleeping session still serves
                 log.exception("model %s version %s: no spinning session", self.name, self.version)
                 self.lone_session = None
-        self.batcher = Batcher(self._run_batch, policy=policy, observer=self.stats, name=self.name)
+        self.batcher = Batcher(self._run_batch, policy, observer=self.stats, name=self.name)
         self.batcher.start()
         self._move(ModelState.READY)
         log.info(
