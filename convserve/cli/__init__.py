@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from convserve.common.commands import CommandError, missing_extra
 
@@ -27,7 +28,7 @@ def _version() -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, no usage wall
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, no usage wall
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 

@@ -157,7 +157,7 @@ def _models(args: argparse.Namespace) -> int:
                 "labels": None if meta is None else list(meta.labels),
                 "max_batch_size": None if meta is None else meta.max_batch_size}))
         return 0
-    table = []
+    table: list[tuple[str, ...]] = []
     for info in models:
         meta = described[info.name]
         for v in info.versions:

@@ -117,7 +117,7 @@ def _from_array(arr: np.ndarray, where: str) -> list[pb.Image]:
         f"got shape {list(arr.shape)}")
 
 
-def _tensor(chw: np.ndarray, code: int) -> pb.Image:
+def _tensor(chw: np.ndarray, code: pb.DataType) -> pb.Image:
     little = chw.astype(chw.dtype.newbyteorder("<"), copy=False)
     return pb.Image(tensor=pb.Tensor(dtype=code, shape=chw.shape, data=little.tobytes()))
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -250,7 +250,7 @@ def write_config(model_dir: Path, cfg: ModelConfig) -> Path:
 def _build(kind: type, data: dict[str, Any], tuples: tuple[str, ...] = ()) -> Any:
     if not isinstance(data, dict):
         raise TypeError(f"{kind.__name__} must be an object, got {type(data).__name__}")
-    known = set(kind.__dataclass_fields__)
+    known = {f.name for f in fields(kind)}
     unknown = set(data) - known
     if unknown:
         raise ValueError(f"unknown {kind.__name__} field(s) {sorted(unknown)}; known: {sorted(known)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
@@ -268,7 +269,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise SettingsError(f"config file {p}: cannot read: {exc}") from None
     try:
         if p.suffix.lower() == ".toml":
-            import tomllib
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # the same parser, as a package, before Python 3.11
+                import tomli as tomllib
 
             data = tomllib.loads(text)
         else:
@@ -328,7 +332,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(Settings):
         kind = _kind(f)
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default_factory is MISSING else f.default_factory()
         shown = ",".join(default) if isinstance(default, tuple) else default
         doc = f"{f.metadata['doc']} [env {ENV_PREFIX}{f.name.upper()}; default {shown!s}]"
         if kind == "bool":

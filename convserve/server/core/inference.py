@@ -468,7 +468,7 @@ class InferenceCore:
                 f"images: {len(inputs)} images in one request, over the limit of {limit}; "
                 "split the request or raise --max-images-per-request"
             )
-        n = sum(1 if type(i) is EncodedImage else i.rows for i in inputs)  # type: ignore[union-attr]
+        n = sum(i.rows if isinstance(i, TensorInput) else 1 for i in inputs)
         if n > limit:
             raise TooManyImagesError(
                 f"images (tensor rows included): {n} images in one request, over the limit of {limit}; "

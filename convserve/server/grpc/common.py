@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
@@ -34,7 +34,7 @@ async def ordered_pipeline(
     handle: Callable[[Req], Awaitable[Resp]],
     window: int = STREAM_WINDOW,
     valve: Backpressure | None = None,
-) -> AsyncIterator[Resp]:
+) -> AsyncGenerator[Resp, None]:
     """Start handling each stream message as it arrives (at most ``window`` at once); yield replies in order.
 
     While ``valve`` is shut (a message waits for room in a full model queue) no further message is read,
@@ -78,7 +78,7 @@ async def stream_replies(
     health: Health,
     handle: Callable[[Req, Backpressure], Awaitable[Resp]],
     reply_error: Callable[[Req, grpc.StatusCode, str], Resp],
-) -> AsyncIterator[Resp]:
+) -> AsyncGenerator[Resp, None]:
     """The servicers' streaming RPCs: each message gets ``handle``'s reply, or ``reply_error``'s for its
     failure, in request order; a failed message (or a drain) never ends the stream. ``handle`` passes the
     stream's valve on to the core: a full model queue pauses reading instead of failing messages."""

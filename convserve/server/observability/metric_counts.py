@@ -199,7 +199,7 @@ class SeriesCounts:
 def _buckets(histogram: list[float], les: tuple[str, ...]) -> list[tuple[str, float]]:
     """Cumulative (le, count) pairs, +Inf last, as the exposition wants them."""
     out = []
-    total = 0
+    total = 0.0
     for le, n in zip(les, histogram, strict=False):  # the histogram's last item is the sum
         total += n
         out.append((le, float(total)))

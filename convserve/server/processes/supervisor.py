@@ -260,7 +260,7 @@ class Supervisor:
 
     async def start_metrics(self) -> web.AppRunner:
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(self)  # type: ignore[arg-type]
+        registry.register(self)
 
         async def metrics(request: web.Request) -> web.Response:
             await self.refresh_metrics()

@@ -77,7 +77,7 @@ def write_plan(run_dir: Path, plan: WorkerPlan) -> None:
 
 def read_plan(run_dir: Path) -> WorkerPlan:
     data = json.loads((run_dir / _PLAN).read_text())
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data["settings"].items()}
+    values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data["settings"].items()}
     return WorkerPlan(Settings(**values), int(data["workers"]), bool(data["metrics"]))
 
 

@@ -85,34 +85,34 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
 
 def _messages(buf: memoryview, number: int) -> Iterator[memoryview]:
     for n, wire, value in _fields(buf):
-        if n == number and wire == 2:
-            assert isinstance(value, memoryview)
+        if n == number and wire == 2 and not isinstance(value, int):
             yield value
 
 
 def _tensor(buf: memoryview) -> ExternalTensor | None:
-    name, location, entries, dims, dtype = "", 0, {}, [], 0
+    name, location, dtype = "", 0, 0
+    entries: dict[str, str] = {}
+    dims: list[int] = []
     for n, wire, value in _fields(buf):
-        if n == _TENSOR_NAME and wire == 2:
-            name = bytes(value).decode("utf-8", "replace")  # type: ignore[arg-type]
-        elif n == _TENSOR_LOCATION and wire == 0:
-            location = value
-        elif n == _TENSOR_TYPE and wire == 0:
-            dtype = value
-        elif n == _TENSOR_DIMS and wire == 0:
-            dims.append(value)
+        if isinstance(value, int):  # a varint (wire type 0)
+            if n == _TENSOR_LOCATION:
+                location = value
+            elif n == _TENSOR_TYPE:
+                dtype = value
+            elif n == _TENSOR_DIMS:
+                dims.append(value)
+        elif n == _TENSOR_NAME and wire == 2:
+            name = bytes(value).decode("utf-8", "replace")
         elif n == _TENSOR_DIMS and wire == 2:  # packed
             pos, packed = 0, value
-            assert isinstance(packed, memoryview)
             while pos < len(packed):
                 dim, pos = _varint(packed, pos)
                 dims.append(dim)
         elif n == _TENSOR_EXTERNAL and wire == 2:
-            assert isinstance(value, memoryview)
             key = val = ""
             for k, kwire, text in _fields(value):
-                if kwire == 2 and k in (1, 2):
-                    decoded = bytes(text).decode("utf-8", "replace")  # type: ignore[arg-type]
+                if kwire == 2 and k in (1, 2) and not isinstance(text, int):
+                    decoded = bytes(text).decode("utf-8", "replace")
                     key, val = (decoded, val) if k == 1 else (key, decoded)
             entries[key] = val
     if location != _EXTERNAL:

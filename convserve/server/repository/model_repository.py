@@ -124,7 +124,7 @@ class RepositoryUnavailableError(RuntimeError):
     """The model repository is missing or unreadable at start."""
 
 
-def check_root(root: Path) -> None:
+def check_root(root: str | os.PathLike[str]) -> None:
     """Raise RepositoryUnavailableError when ``root`` is not a folder this process can list."""
     try:
         os.listdir(root)

@@ -224,9 +224,19 @@ def _explicit_batch(msg: mc.ModelConfig, where: str) -> tuple[mc.ModelConfig, in
     return out, (DEFAULT_MAX_BATCH_SIZE if batch in (-1, None) else 1)
 
 
+def _graph(sig: GraphSignature | None, what: str, where: str) -> GraphSignature:
+    """The graph's signature, which fills in what config.pbtxt leaves out; an error naming it when absent."""
+    if sig is None:
+        raise ModelConfigError(
+            f"{where}: {what} is not in config.pbtxt and the graph was not read to fill it in"
+        )
+    return sig
+
+
 def _input(msg: mc.ModelConfig, sig: GraphSignature | None, where: str) -> tuple[str, tuple[int, int, int]]:
     if not msg.input:
-        return sig.input_name, sig.input_shape
+        graph = _graph(sig, "the input", where)
+        return graph.input_name, graph.input_shape
     t = msg.input[0]
     if t.data_type != mc.TYPE_FP32:
         raise ModelConfigError(
@@ -246,7 +256,8 @@ def _input(msg: mc.ModelConfig, sig: GraphSignature | None, where: str) -> tuple
 
 def _output(msg: mc.ModelConfig, sig: GraphSignature | None, where: str) -> tuple[str, int]:
     if not msg.output:
-        return sig.output_name, sig.num_classes
+        graph = _graph(sig, "the output", where)
+        return graph.output_name, graph.num_classes
     t = msg.output[0]
     if t.data_type != mc.TYPE_FP32:
         raise ModelConfigError(
@@ -255,7 +266,9 @@ def _output(msg: mc.ModelConfig, sig: GraphSignature | None, where: str) -> tupl
     dims = list(t.dims)
     if len(dims) != 1:
         raise ModelConfigError(f"{where}: output {t.name!r} dims must be [K] (without batch), got {dims}")
-    return t.name, sig.num_classes if dims[0] < 0 else dims[0]
+    if dims[0] < 0:
+        return t.name, _graph(sig, f"the class count of {t.name!r} (dims [-1])", where).num_classes
+    return t.name, dims[0]
 
 
 def _labels(

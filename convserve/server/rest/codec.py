@@ -275,9 +275,9 @@ def outputs_of(body: InferBody, cfg: ModelConfig) -> list[RequestedOutput]:
         return [RequestedOutput(name, default_k or None, f"outputs[{name!r}].classification")]
     wanted = []
     for i, out in enumerate(body.outputs):
-        name = out.get("name")
-        if name != cfg.output.name:
-            raise InvalidInputError(f"outputs[{i}].name: expected {cfg.output.name!r}, got {name!r}")
+        given = out.get("name")
+        if given != cfg.output.name:
+            raise InvalidInputError(f"outputs[{i}].name: expected {cfg.output.name!r}, got {given!r}")
         params = _object(out.get("parameters", {}), f"outputs[{i}].parameters")
         k = _class_count(params, f"outputs[{i}].parameters") or default_k
         if k < 0:
@@ -285,6 +285,7 @@ def outputs_of(body: InferBody, cfg: ModelConfig) -> list[RequestedOutput]:
                 f"outputs[{i}].parameters.classification: expected 1..{cfg.num_classes}, got {k}"
             )
         _flag(params, "binary_data", f"outputs[{i}].parameters")
+        name = cfg.output.name
         wanted.append(RequestedOutput(name, k or None, f"outputs[{name!r}].classification"))
     return wanted
 

@@ -178,8 +178,12 @@ def _ink_neighbours(mask: np.ndarray) -> np.ndarray:
     """For each pixel, how many of its 8 neighbours are in ``mask``."""
     padded = np.pad(mask.astype(np.int16), 1)
     h, w = mask.shape
-    return sum(padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
-               for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
+    counts = np.zeros((h, w), np.int16)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if (dy, dx) != (0, 0):
+                counts += padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+    return counts
 
 
 def _mass_extent(profile: np.ndarray, total: float) -> float:
@@ -264,9 +268,10 @@ def decode_image(
     try:
         if check is not None:
             check()
-            if isinstance(img.fp, _Reader):
-                img.fp.check = check
-                img.decodermaxblock = _CHECKED_BLOCK
+            reader = getattr(img, "fp", None)  # an ImageFile's source; PIL types it on ImageFile only
+            if isinstance(reader, _Reader):
+                reader.check = check
+                img.decodermaxblock = _CHECKED_BLOCK  # type: ignore[attr-defined]
         img.load()
         img = ImageOps.exif_transpose(img) if "exif" in img.info else img
     except InvalidInputError:
@@ -319,7 +324,7 @@ def _unidentified(data: bytes, limits: ImageLimits, where: str) -> str:
     return f"{where}: expected an image in one of {allowed}, got {len(data)} bytes that do not decode as one"
 
 
-_DTYPES = {
+_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),
     "float16": np.dtype("<f2"),
     "float64": np.dtype("<f8"),
