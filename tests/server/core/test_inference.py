@@ -36,7 +36,7 @@ from convserve.server.repository.model_repository import ModelRepository
 from convserve.server.runtime.batcher import BatchingPolicy
 from convserve.server.runtime.served_model import _spins
 
-from ..conftest import test_settings
+from ...conftest import test_settings
 
 BIG = 64 * 1024 * 1024
 
