@@ -110,15 +110,17 @@ class RunningServer:
                 len(failed),
                 "; ".join(failed),
             )
-        elif self.health.serving:
+        elif not ready:
+            log.error("no model version is ready in %s; health stays NOT_SERVING", self.repository.root)
+        else:
+            # A worker's health also waits for its siblings (the supervisor's gate): ready, not yet serving.
             log.info(
-                "serving %d model version(s) [%s] after %.2f s",
+                "%s %d model version(s) [%s] after %.2f s",
+                "serving" if self.health.serving else "ready, serving once every worker is:",
                 len(ready),
                 ", ".join(ready),
                 time.perf_counter() - t0,
             )
-        else:
-            log.error("no model version is ready in %s; health stays NOT_SERVING", self.repository.root)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: health NOT_SERVING and new calls refused (UNAVAILABLE) at once; in-flight calls get up to

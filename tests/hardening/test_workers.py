@@ -122,6 +122,17 @@ def workers(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
         server.stop(20)
 
 
+def test_a_clean_start_logs_no_error_and_each_worker_says_what_it_serves(workers: ServerProcess) -> None:
+    """Before the siblings are ready a worker's health is held NOT_SERVING by the gate, which is not an
+    error: its models are ready and it says so (an ERROR "no model version is ready" was logged here)."""
+    assert poll_until(lambda: _health(workers.address) == health_pb2.HealthCheckResponse.SERVING, timeout=60)
+    assert poll_until(lambda: "all 2 workers serving" in workers.log_text(), timeout=30)
+    log = workers.log_text()
+    assert " ERROR " not in log, [line for line in log.splitlines() if " ERROR " in line]
+    for i in range(WORKERS):
+        assert any("1 model version(s) [m:1]" in line and f"worker={i}" in line for line in log.splitlines())
+
+
 def test_port_file_lists_every_worker_once_each_serves(workers: ServerProcess) -> None:
     # The port file is written only when every worker serves: no waiting here.
     listed = workers.workers()
