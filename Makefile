@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # Re-install when the dependency list changes.
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: serve test test-deploy venv kserve-venv system-deps protos lint bench train stack clean
+.PHONY: serve test test-deploy venv kserve-venv system-deps protos lint docs bench train stack clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,7 @@ system-deps:
 # Last step: the SDK tests again in a venv holding the LOWEST grpcio/protobuf/numpy/health-checking declared.
 test: venv kserve-venv system-deps
 	$(BIN)/ruff check .
+	$(MAKE) docs
 	$(BIN)/python -m pytest
 	$(BIN)/python scripts/check_dependency_floor.py
 	$(MAKE) test-deploy
@@ -53,6 +54,10 @@ protos: venv
 
 lint: venv
 	$(BIN)/ruff check .
+
+# The docs site (mkdocs.yml, pages under docs/), strict: a broken link or anchor fails the build.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site
 
 # Reproduce the bundled digits model (scikit-learn's digits + printed digits from the training fonts, exported
 # to model_repository/) and its dense baseline for `convserve robustness` (exported to runs/baselines/).
