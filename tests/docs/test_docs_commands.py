@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from convserve.testing.prerequisites import require_binary
 from PIL import Image
 
 from .pages import ROOT, Ran, check, console_commands, read, run_console
@@ -71,6 +70,8 @@ def _check_against_references(ran: Ran, workdir: Path, run_reference: Any) -> No
 def test_console_sessions_run_as_shown(
     page: str, server_factory: Any, tmp_path: Path, run_reference: Any
 ) -> None:
+    from convserve.testing.prerequisites import require_binary
+
     require_binary("curl", "curl is not installed (make system-deps)")
     commands = console_commands(read(page))
     assert any(c.command.startswith("convserve classify") for c in commands), "it classifies an image"
