@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .pages import ROOT, Ran, check, console_commands, read, run_console
+from .pages import ROOT, Ran, check, console_commands, read, run_console, section
 
 BUNDLED = ROOT / "model_repository"
 MODEL = BUNDLED / "digits_lenet"
@@ -83,3 +83,16 @@ def test_console_sessions_run_as_shown(
     for result in ran:
         check(result)
         _check_against_references(result, tmp_path, run_reference)
+
+
+def test_every_console_session_is_run_by_a_test() -> None:
+    """A ```console block promises that its commands run as shown, so only pages a test runs have one."""
+    run_elsewhere = {"docs/rest.md": ("Examples with curl", "tests/rest/test_readme_curl.py")}
+    pages = ["README.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        commands = console_commands(read(page))
+        if page in run_elsewhere:
+            title, test = run_elsewhere[page]
+            assert commands == console_commands(section(read(page), title)), f"{test} runs only {title!r}"
+        else:
+            assert page in PAGES or not commands, f"{page} has console sessions that no test runs"
