@@ -22,13 +22,7 @@ WORKDIR /src
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY pyproject.toml README.md LICENSE ./
-COPY protos ./protos
-COPY cli ./cli
-COPY common ./common
-COPY testing ./testing
-COPY client ./client
-COPY server ./server
-COPY models ./models
+COPY convserve ./convserve
 COPY model_repository ./model_repository
 # A non-editable install: the image carries site-packages, not the source tree.
 RUN pip install --no-cache-dir "/src[server]"
@@ -47,13 +41,7 @@ WORKDIR /src
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY pyproject.toml README.md LICENSE ./
-COPY protos ./protos
-COPY cli ./cli
-COPY common ./common
-COPY testing ./testing
-COPY client ./client
-COPY server ./server
-COPY models ./models
+COPY convserve ./convserve
 COPY model_repository ./model_repository
 # `server-gpu` is `server` with onnxruntime-gpu in place of the CPU onnxruntime (never both: they
 # write the same package directory).
@@ -104,13 +92,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* /tmp/font-packages.txt
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
-COPY protos ./protos
-COPY cli ./cli
-COPY common ./common
-COPY testing ./testing
-COPY client ./client
-COPY server ./server
-COPY models ./models
+COPY convserve ./convserve
 COPY model_repository ./model_repository
 RUN pip install --no-cache-dir --extra-index-url="${TORCH_INDEX_URL}" "/src[train]" \
     && groupadd --system --gid 10001 convserve \

@@ -1,22 +1,33 @@
 # convserve: every set-up step lives here, so a fresh machine with only python3 needs two commands:
-#   make serve   create .venv, install convserve[server,...], serve the bundled model repository
+#   make serve   create .venv, install convserve[server] (no torch, no test tools), serve the bundled model
 #   make test    create .venv, install convserve[dev] and the system packages the tests use, run every test
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# Re-install when the dependency list changes.
-STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+# Re-install when the dependency list changes. Serving needs only convserve[server] (no torch, no test
+# tools); the dev install (tests, training, docs) is a superset, so it satisfies `make serve` too.
+DEPS       := $(shell cksum pyproject.toml | cut -d' ' -f1)
+STAMP      := $(VENV)/.installed-dev-$(DEPS)
+SERVE_STAMP := $(VENV)/.installed-server-$(DEPS)
 
-.PHONY: serve test test-deploy venv kserve-venv system-deps protos lint docs bench train stack clean
+.PHONY: serve test test-deploy venv serve-venv kserve-venv system-deps protos lint typecheck docs bench train stack clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	rm -f $(VENV)/.installed-*
+	touch $@ $(SERVE_STAMP)
+
+$(SERVE_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[server]'
+	rm -f $(VENV)/.installed-server-*
 	touch $@
 
 venv: $(STAMP)
+serve-venv: $(SERVE_STAMP)
 
 # KServe's own clients for tests/e2e/test_kserve_clients.py, in a venv of their own (their pins clash with
 # tritonclient's); rebuilt when the pin file changes.
@@ -29,7 +40,7 @@ $(KSERVE_STAMP): scripts/kserve-requirements.txt
 
 kserve-venv: $(KSERVE_STAMP)
 
-serve: venv
+serve: serve-venv
 	$(BIN)/convserve serve
 
 system-deps:
@@ -38,6 +49,7 @@ system-deps:
 # Last step: the SDK tests again in a venv holding the LOWEST grpcio/protobuf/numpy/health-checking declared.
 test: venv kserve-venv system-deps
 	$(BIN)/ruff check .
+	$(MAKE) typecheck
 	$(MAKE) docs
 	$(BIN)/python -m pytest
 	$(BIN)/python scripts/check_dependency_floor.py
@@ -54,6 +66,11 @@ protos: venv
 
 lint: venv
 	$(BIN)/ruff check .
+	$(MAKE) typecheck
+
+# mypy over server, client, common and cli (pyproject.toml [tool.mypy]).
+typecheck: venv
+	$(BIN)/mypy
 
 # The docs site (mkdocs.yml, pages under docs/), strict: a broken link or anchor fails the build.
 docs: venv

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         models.prepare_lenet(repository)
     model = models.RESNET if a.model == "resnet" else models.LENET
-    from convserve.server.model_config import load_config
+    from convserve.common.model_config import load_config
 
     shape = tuple(load_config(repository / model).input.shape)
     results: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}

@@ -12,7 +12,7 @@
   model at all. It is the ceiling grpc.aio itself puts on a Python server on this machine.
 
 Every model-running mode builds its ONNX Runtime session with convserve's own options
-(``convserve.server.session``): the executor modes with a served model's main-session options (threads
+(``convserve.server.runtime.session``): the executor modes with a served model's main-session options (threads
 sleeping between runs), the inline ones with its inline session's (one thread, no spinning). A baseline
 configured worse than the thing it measures would flatter it.
 
@@ -41,11 +41,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc as pb_grpc
 from convserve.protos.inference import grpc_service_pb2 as vpb
 from convserve.protos.inference import grpc_service_pb2_grpc as vpb_grpc
-from convserve.server.session import SessionOptions, inline_options, ort_options
+from convserve.server.runtime.session import SessionOptions, inline_options, ort_options
 from convserve.server.settings import Settings
 
 _MAX = 256 * 1024 * 1024

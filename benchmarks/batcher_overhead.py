@@ -13,7 +13,8 @@ import sys
 import time
 
 import numpy as np
-from convserve.server.batcher import Batcher
+
+from convserve.server.runtime.batcher import Batcher, BatchingPolicy
 
 _W = np.random.default_rng(0).standard_normal((16, 10)).astype(np.float32)
 
@@ -35,7 +36,7 @@ async def measure(requests: int, concurrency: int) -> dict[str, float]:
     for _ in range(requests):
         await loop.run_in_executor(None, _model, x)
     out["executor_hop_us"] = (time.perf_counter() - t0) / requests * 1e6
-    batcher = Batcher(_model, max_batch_size=64)
+    batcher = Batcher(_model, BatchingPolicy(max_batch_size=64))
     batcher.start()
     for _ in range(100):
         await batcher.submit(x)

@@ -1,6 +1,6 @@
 """The physical ceiling: in-process ONNX Runtime throughput on the served model at given batch sizes.
 
-It builds the session as the server does (``convserve.server.session.OnnxSession`` with the server's
+It builds the session as the server does (``convserve.server.runtime.session.OnnxSession`` with the server's
 default Settings) and, because on a small shared machine one intra-op thread is sometimes faster than
 ONNX Runtime's default (one per core), also with one thread, each with its threads sleeping between
 operators and spinning during runs; the best figure per batch size is the ceiling, so the
@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from convserve.server.model_config import load_config
-from convserve.server.session import OnnxSession, SessionOptions
+
+from convserve.common.model_config import load_config
+from convserve.server.runtime.session import OnnxSession, SessionOptions
 from convserve.server.settings import Settings
 
 from .models import latest_version

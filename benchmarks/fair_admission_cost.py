@@ -15,14 +15,15 @@ import time
 
 import grpc
 import numpy as np
-from convserve.server.batcher import Batcher
+
+from convserve.server.runtime.batcher import Batcher, BatchingPolicy
 
 CLIENT = "ipv4:127.0.0.1:50123"
 
 
 async def submit_cost(rounds: int, bursts: int = 30, concurrency: int = 32) -> dict[str, float]:
     """Event-loop thread CPU µs per request, median over rounds, for client=None and for one client."""
-    b = Batcher(lambda x: x[:, :, 0, 0], max_batch_size=32, max_queue_size=1024)
+    b = Batcher(lambda x: x[:, :, 0, 0], BatchingPolicy(max_batch_size=32, max_queue_size=1024))
     b.start()
     x = np.zeros((1, 1, 2, 2), np.float32)
     samples: dict[str | None, list[float]] = {None: [], CLIENT: []}

@@ -27,10 +27,13 @@ import time
 from collections.abc import Callable
 
 import grpc
+
+from convserve.server.calls import CallInfo, bind_call, unbind_call
+from convserve.server.core.inference import Cancellation, _Stop
+from convserve.server.grpc.edge import Edge
 from convserve.server.health import Health
-from convserve.server.inference import Cancellation, _Stop
-from convserve.server.interceptors import CallInfo, Edge, bind_call, unbind_call
-from convserve.server.logging_setup import access_log_enabled, new_request_id, request_id_from_metadata
+from convserve.server.observability.logs import access_log_enabled
+from convserve.server.observability.request_ids import new_request_id, request_id_from_metadata
 
 from .fair_admission_cost import submit_cost
 from .metrics_cost import measure as metrics_measure

@@ -37,10 +37,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from convserve.protos.inference import grpc_service_pb2 as vpb
-from convserve.server.model_config import load_config
-from convserve.testing import loopback_command
 from prometheus_client.parser import text_string_to_metric_families
+
+from convserve.common.model_config import load_config
+from convserve.protos.inference import grpc_service_pb2 as vpb
+from convserve.testing import loopback_command
 
 from . import models
 from .run import Server, _process

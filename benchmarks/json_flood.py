@@ -27,8 +27,9 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from convserve.testing import start_server_process
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from convserve.testing import start_server_process
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 MODEL = "digits_lenet"

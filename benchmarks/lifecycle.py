@@ -26,9 +26,10 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+
+from convserve.common.model_config import load_config
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc
-from convserve.server.model_config import load_config
 from convserve.server.settings import default_model_repository
 from convserve.testing import start_server_process
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+
 from convserve.protos.convserve.v1 import classifier_pb2 as cpb
 from convserve.protos.inference import grpc_service_pb2 as vpb
 

@@ -13,8 +13,8 @@ import argparse
 import sys
 import time
 
-from convserve.server.metrics import Metrics
-from convserve.server.stats import ModelStats
+from convserve.server.observability.metrics import Metrics
+from convserve.server.observability.stats import ModelStats
 
 # Durations spread over the latency buckets (seconds), cycled so that every call is not the same bucket.
 _SECONDS = (0.0004, 0.0011, 0.0023, 0.0048, 0.012, 0.031, 0.08, 0.6)

@@ -12,7 +12,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from convserve.server.model_config import (
+from convserve.common.model_config import (
     CONFIG_FILE,
     MODEL_FILE,
     Batching,
@@ -71,6 +71,7 @@ def prepare_resnet(repository: Path, max_batch_size: int = 32) -> str:
 def _export(arch: str, name: str, repository: Path, *, channels: int, size: int, classes: int,
             max_batch_size: int, color_mode: str) -> None:
     import torch
+
     from convserve.models.export import export_model
     from convserve.models.registry import build
 

@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+
 from convserve.common.model_config import VersionPolicy, load_config, write_config
 
 from . import models
@@ -31,8 +32,9 @@ TARGETS = {32: 2.5, 1: 1.8}  # the issue's served int8/float32 targets per reque
 
 def prepare(work: Path) -> Path:
     """A repository holding the float ResNet-18 as version 1 and its int8 version 2, both served."""
-    from convserve.models import quantize
     from PIL import Image
+
+    from convserve.models import quantize
 
     cache = Path("bench_results/models")
     cache.mkdir(parents=True, exist_ok=True)

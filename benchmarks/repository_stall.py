@@ -30,12 +30,13 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc
 from convserve.server.settings import default_model_repository
 from convserve.testing import start_server_process
 from convserve.testing.hostile_configs import write_hostile_models
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 TOKEN = "repository-stall-benchmark-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)

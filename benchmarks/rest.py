@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from convserve.server.model_config import load_config
+
+from convserve.common.model_config import load_config
 from convserve.testing import ServerProcess, start_server_process
 
 from . import models

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from convserve.server.model_config import load_config
+
+from convserve.common.model_config import load_config
 from convserve.testing import loopback_command
 
 from . import models

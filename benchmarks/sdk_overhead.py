@@ -30,6 +30,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+
 from convserve.client import AsyncClient, Client
 from convserve.client.inputs import encode_png
 from convserve.protos.convserve.v1 import classifier_pb2 as pb

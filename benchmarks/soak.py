@@ -38,6 +38,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.inference import grpc_service_pb2 as v2pb
 from convserve.testing import child_env, loopback_command
@@ -104,9 +105,10 @@ def _ink_reference(spec: ModelSpec, pixels: np.ndarray) -> np.ndarray:
     """Model inputs for PNGs of a model whose config normalises ink (polarity / fit_ink): that geometry is
     not retyped here but taken from ``image_to_array``, the one preprocessing function training also uses
     (its own tests check it); the plain /255, mean, std path above stays independent."""
-    from convserve.common.model_config import load_config
-    from convserve.server.preprocess import image_to_array
     from PIL import Image
+
+    from convserve.common.model_config import load_config
+    from convserve.server.runtime.preprocess import image_to_array
 
     cfg = load_config(spec.path.parent.parent)
     images = [Image.fromarray(p[:, :, 0] if p.shape[2] == 1 else p) for p in pixels]

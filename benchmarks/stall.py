@@ -16,8 +16,9 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from grpc_health.v1 import health_pb2
+
+from convserve.protos.convserve.v1 import classifier_pb2 as pb
 
 _CLASSIFY = "/convserve.v1.Classifier/Classify"
 _CHECK = "/grpc.health.v1.Health/Check"

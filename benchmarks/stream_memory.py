@@ -37,6 +37,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.inference import grpc_service_pb2 as v2pb
 from convserve.testing import read_port_file, start_server_process

@@ -27,9 +27,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
 from convserve.protos.inference import grpc_service_pb2 as pb
 from convserve.testing import ServerProcess, start_server_process
-from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = {"lenet": (1, 8, 32, 128), "resnet18": (1, 4, 8)}

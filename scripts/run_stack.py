@@ -35,8 +35,9 @@ from typing import Any
 
 import grpc
 import yaml
-from convserve.testing import loopback_command
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from convserve.testing import loopback_command
 
 ROOT = Path(__file__).resolve().parents[1]
 NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"

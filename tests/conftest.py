@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from convserve.testing import ServerProcess, start_server_process
 
 
@@ -281,8 +282,9 @@ class ServerHandle:
 
 def start_server_thread(settings: Any, load_models: bool = True, timeout: float = 60.0) -> ServerHandle:
     """Start ``convserve.server.app.start_server`` on a fresh loop in a daemon thread; wait until it is up."""
-    from convserve.server.app import start_server
     from prometheus_client import CollectorRegistry
+
+    from convserve.server.app import start_server
 
     registry = CollectorRegistry()
     loop = asyncio.new_event_loop()

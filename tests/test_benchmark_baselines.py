@@ -17,15 +17,15 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks import baseline_server
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc
 from convserve.protos.inference import grpc_service_pb2 as v2pb
 from convserve.protos.inference import grpc_service_pb2_grpc as v2grpc
-from convserve.server.session import SessionOptions, inline_options, ort_options
+from convserve.server.runtime.session import SessionOptions, inline_options, ort_options
 from convserve.server.settings import Settings
-from prometheus_client.parser import text_string_to_metric_families
-
-from benchmarks import baseline_server
 
 from .conftest import reference_logits
 
@@ -124,7 +124,7 @@ def test_processes_share_the_port_and_their_success_counts_add_up(tmp_path: Path
 
 def test_baselines_run_onnx_runtime_with_convserves_options() -> None:
     """The executor baseline gets a served model's main-session options, the inline ones its one-thread
-    inline session's: both with spinning off, as convserve runs them (server/session.py)."""
+    inline session's: both with spinning off, as convserve runs them (server/runtime/session.py)."""
     main = SessionOptions.of(Settings())
     assert baseline_server.session_options("plain") == main
     assert baseline_server.session_options("inline") == inline_options(main)

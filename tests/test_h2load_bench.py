@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from convserve.testing import prerequisites, start_server_process
 
 from benchmarks.h2load import Target, finished, frame, infer_request, measure
 from benchmarks.run import Server
+from convserve.testing import prerequisites, start_server_process
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LENET_DIR = REPO_ROOT / "model_repository" / "digits_lenet"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "convserve"
 # package folder → convserve packages its modules must never import
 FORBIDDEN = {
     "client": {"convserve.server", "convserve.models", "convserve.cli", "convserve.testing"},
@@ -25,12 +26,12 @@ FORBIDDEN = {
 # The second, as deliberate: `convserve quantize` checks its int8 graph with the server's own load check,
 # the one `convserve import` runs (models/quantize.py).
 ALLOWED = {
-    "convserve.server.importer",
-    "convserve.server.importer.ImportModelError",
-    "convserve.server.importer.verify",
-    "convserve.server.preprocess",
-    "convserve.server.preprocess.image_to_array",
-    "convserve.server.preprocess.decode_image",
+    "convserve.server.repository.importer",
+    "convserve.server.repository.importer.ImportModelError",
+    "convserve.server.repository.importer.verify",
+    "convserve.server.runtime.preprocess",
+    "convserve.server.runtime.preprocess.image_to_array",
+    "convserve.server.runtime.preprocess.decode_image",
     "convserve.server.errors",
     "convserve.server.errors.InvalidInputError",
 }
@@ -64,15 +65,53 @@ def test_import_reader_sees_lazy_and_relative_imports(tmp_path: Path) -> None:
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_package_imports_only_what_its_layer_allows(package: str) -> None:
     offences = []
-    for path in sorted((ROOT / package).rglob("*.py")):
+    for path in sorted((PACKAGE / package).rglob("*.py")):
         for name in sorted(imports(path, package)):
             if name not in ALLOWED and any(name == f or name.startswith(f + ".") for f in FORBIDDEN[package]):
                 offences.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not offences, "\n".join(offences)
 
 
-def test_server_model_config_is_the_common_contract() -> None:
-    import convserve.common.model_config as contract
-    import convserve.server.model_config as legacy_name
+# Inside server/: the front ends convert and call the core; neither calls the other, and nothing below
+# them (core, runtime, repository, observability and the shared modules) reaches up into a front end or
+# into the processes that run the app.
+FRONT_ENDS = {"grpc", "rest"}
+ABOVE_THE_CORE = {"grpc", "rest", "app", "cli", "__main__", "processes"}
+SERVER = PACKAGE / "server"
 
-    assert legacy_name is contract  # one module, two names: no second copy of the contract
+
+def _server_unit(path: Path) -> str:
+    """The sub-package (core, grpc, ...) or top module (app, calls, ...) ``path`` belongs to."""
+    parts = path.relative_to(SERVER).parts
+    return parts[0] if len(parts) > 1 else parts[0].removesuffix(".py")
+
+
+def _server_units_imported(path: Path) -> set[str]:
+    package = "server." + ".".join(path.relative_to(SERVER).parts[:-1])
+    prefix = "convserve.server."
+    return {n[len(prefix):].split(".")[0] for n in imports(path, package.rstrip(".")) if n.startswith(prefix)}
+
+
+def test_server_units_reader_sees_relative_imports_from_sub_packages() -> None:
+    assert {"core", "calls", "errors"} <= _server_units_imported(SERVER / "rest" / "routes.py")
+    assert {"core", "observability"} <= _server_units_imported(SERVER / "grpc" / "inference_v2.py")
+
+
+def test_front_ends_call_the_core_and_never_each_other_or_upward() -> None:
+    offences = []
+    for path in sorted(SERVER.rglob("*.py")):
+        unit = _server_unit(path)
+        reached = _server_units_imported(path) - {unit}
+        if unit in FRONT_ENDS:
+            bad = reached & (FRONT_ENDS | {"app", "cli", "__main__", "processes"})
+        elif unit in ABOVE_THE_CORE:
+            continue
+        else:
+            bad = reached & ABOVE_THE_CORE
+        offences += [f"{path.relative_to(ROOT)} ({unit}) imports server.{b}" for b in sorted(bad)]
+    assert not offences, "\n".join(offences)
+
+
+def test_server_shows_its_layers_with_few_modules_at_its_top() -> None:
+    top = sorted(p.name for p in SERVER.glob("*.py"))
+    assert len(top) <= 12, top

@@ -117,3 +117,21 @@ def test_the_wheel_carries_the_bundled_model(tmp_path: Path) -> None:
     files = [p for p in (ROOT / "model_repository").rglob("*") if p.is_file()]
     bundled = {f"convserve/{p.relative_to(ROOT).as_posix()}" for p in files}
     assert bundled and bundled <= names, sorted(bundled - names)
+
+
+def test_make_serve_installs_only_the_serving_extra(tmp_path: Path) -> None:
+    """`make serve` on a fresh clone installs convserve[server] (no torch, no test tools); `make test` the
+    dev extra. Read from make's own dry run against a venv that does not exist yet."""
+    venv = tmp_path / "venv"
+
+    def dry_run(target: str) -> str:
+        out = subprocess.run(["make", "-n", target, f"VENV={venv}"], cwd=ROOT, capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        return out.stdout
+
+    serve = dry_run("serve")
+    assert "pip install -q -e '.[server]'" in serve and "[dev]" not in serve, serve
+    assert "convserve serve" in serve
+    assert "pip install -q -e '.[dev]'" in dry_run("test")
+    server_extra = [r for r in requires("convserve") or [] if 'extra == "server"' in r]
+    assert server_extra and not any(r.split(";")[0].strip().startswith("torch") for r in server_extra)

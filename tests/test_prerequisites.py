@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+
 from convserve.testing.prerequisites import require_binary, require_module
 
 

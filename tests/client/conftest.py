@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from convserve.client import AsyncClient, Client
 from convserve.testing.prerequisites import require_binary
 

@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from convserve.cli import main
 from PIL import Image
 from sdk_testing import GRAY, digit_pixels, preprocess
+
+from convserve.cli import main
 
 
 def write_png(path: Path, pixels: np.ndarray) -> Path:

@@ -8,15 +8,16 @@ import math
 import subprocess
 import sys
 
-import convserve.client as sdk
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
+
+import convserve.client as sdk
 from convserve.client import _core as core
 from convserve.client import errors
 from convserve.client.inputs import encode_png, to_image, to_images
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
-from PIL import Image
 
 # --- retry schedule ---------------------------------------------------------------------------------------
 

@@ -15,6 +15,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
+from sdk_testing import GRAY, assert_matches, digit_pixels, preprocess
+
 from convserve.client import (
     AsyncClient,
     Client,
@@ -27,8 +30,6 @@ from convserve.client import (
     ServerUnavailableError,
     UnauthenticatedError,
 )
-from PIL import Image
-from sdk_testing import GRAY, assert_matches, digit_pixels, preprocess
 
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.05)
 NO_RETRY = RetryPolicy(max_attempts=1)

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from convserve.testing.prerequisites import require_binary
 
 # tests/deploy/live runs the built image and compose stack: only `make test-deploy` (scripts/test_deploy.sh,
@@ -158,11 +159,12 @@ def rest_route() -> Any:
     """``rest_route(path)`` → (route name, answered without a token, answered while draining) for a GET
     path of the server's REST API, read from the server's own route table and edge rules."""
     from aiohttp import web
-    from convserve.server.http.edge import PROBES, PUBLIC
-    from convserve.server.http.routes import Routes
+
+    from convserve.server.rest.edge import PROBES, PUBLIC
+    from convserve.server.rest.routes import Routes
 
     app = web.Application()
-    Routes(None, None, None, 0).add_to(app)  # type: ignore[arg-type]  # handlers are only registered
+    Routes(None, None, 0).add_to(app)  # type: ignore[arg-type]  # handlers are only registered
     names = {r.canonical: r.name for r in app.router.resources() if r.name}
 
     def route(path: str) -> tuple[str, bool, bool]:

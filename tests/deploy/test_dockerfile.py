@@ -74,7 +74,7 @@ def test_serving_image_installs_the_server_extra_only(dockerfile: Any) -> None:
     for name, builder in (("cpu", "build"), ("gpu", "gpu-build")):
         copies = dockerfile.stages[name].args_of("COPY")
         assert f"--from={builder} /opt/venv /opt/venv" in copies
-        assert not any(c.split()[0] in {"server", "client", "cli", "common", "models", "."} for c in copies)
+        assert not any(c.split()[0] in {"convserve", "."} for c in copies)
     (train,) = [a for a in dockerfile.stages["train"].args_of("RUN") if "pip install" in a]
     assert "/src[train]" in train and "--extra-index-url=" in train
 
@@ -202,14 +202,14 @@ def test_dockerignore_keeps_environments_caches_and_artefacts_out(dockerfile: An
         ".git/HEAD",
         "runs/digits_lenet/checkpoint.pt",
         "bench_results/run.json",
-        "server/__pycache__/app.cpython-311.pyc",
+        "convserve/server/__pycache__/app.cpython-311.pyc",
         ".pytest_cache/v/cache",
         ".ruff_cache/x",
         ".hypothesis/examples/x",
         "tests/conftest.py",
         "convserve.egg-info/PKG-INFO",
         ".coord/x",
-        "models/train.pyc",
+        "convserve/models/train.pyc",
         "build/lib/x.py",
         "dist/convserve.whl",
     ):
@@ -225,19 +225,14 @@ def test_dockerignore_keeps_environments_caches_and_artefacts_out(dockerfile: An
         "pyproject.toml",
         "README.md",
         "LICENSE",
-        "server",
-        "client",
-        "cli",
-        "common",
-        "testing",
-        "models",
-        "protos",
+        "convserve",
         "model_repository",
     } <= sources
     for source in sources:
         assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
         assert not dockerignored(source, rules), f"COPY {source}: excluded by .dockerignore"
-    for kept in ("server/app.py", "protos/convserve/v1/classifier_pb2.py", "model_repository/m/1/model.onnx"):
+    for kept in ("convserve/server/app.py", "convserve/protos/convserve/v1/classifier_pb2.py",
+                 "model_repository/m/1/model.onnx"):
         assert not dockerignored(kept, rules)
 
 

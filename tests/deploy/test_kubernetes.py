@@ -116,7 +116,7 @@ def test_liveness_outlasts_the_drain(container: dict[str, Any], settings: Any) -
 
 
 def test_workers_follow_the_cpu_limit(container: dict[str, Any], settings: Any) -> None:
-    # 0 = one worker per usable core, which in a pod is its CPU limit (the cgroup quota, server/cores.py).
+    # 0 = one worker per usable core, which in a pod is its CPU limit (the cgroup quota, processes/cores.py).
     assert settings.workers == 0
     assert float(container["resources"]["limits"]["cpu"]) >= 2  # so the default runs more than one worker
 
@@ -319,8 +319,9 @@ def test_service_monitor_scrapes_the_metrics_port_of_the_convserve_service_only(
 
 def _server_families() -> dict[str, str]:
     """Metric family name → type, as convserve's /metrics declares them."""
-    from convserve.server.metrics import Metrics
     from prometheus_client import CollectorRegistry
+
+    from convserve.server.observability.metrics import Metrics
 
     registry = CollectorRegistry()
     Metrics(registry)

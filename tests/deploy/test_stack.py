@@ -21,9 +21,10 @@ import grpc
 import numpy as np
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc as pb_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
 NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"

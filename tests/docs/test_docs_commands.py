@@ -29,7 +29,7 @@ PAGES = ("README.md", "docs/getting-started.md")
 
 def _reference_probabilities(image: Path, run_reference: Any) -> np.ndarray:
     from convserve.common.model_config import load_config
-    from convserve.server.preprocess import image_to_array
+    from convserve.server.runtime.preprocess import image_to_array
 
     x = image_to_array(Image.open(image), load_config(MODEL))[None]
     logits = run_reference(MODEL / "1" / "model.onnx", x)[0].astype(np.float64)

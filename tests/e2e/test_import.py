@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from convserve.testing.prerequisites import unavailable
 
 if importlib.util.find_spec("torch") is None:
@@ -160,9 +161,10 @@ def test_an_imported_resnet_quantizes_on_the_users_images(tmp_path: Path, run_re
     make the accuracy gate meaningless. The int8 version lands beside the import and runs every Conv/Gemm
     in int8, its top-1 answers close to the float graph's on the same PNGs."""
     import onnx
+
     from convserve.cli import main
-    from convserve.server.model_config import load_config
-    from convserve.server.preprocess import decode_image
+    from convserve.common.model_config import load_config
+    from convserve.server.runtime.preprocess import decode_image
 
     onnx_path = _export(tmp_path / "resnet.onnx")
     repo = tmp_path / "repo"

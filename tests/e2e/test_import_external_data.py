@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from convserve.testing import start_server_process
 from convserve.testing.prerequisites import unavailable
 

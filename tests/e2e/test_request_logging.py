@@ -13,9 +13,11 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc as pb_grpc
-from convserve.server import logging_setup as ls
+from convserve.server.observability import logs as ls
+from convserve.server.observability.request_ids import REQUEST_ID_KEY
 
 MODEL = "gray"  # 1x8x8 grayscale in the test repository (tests/conftest.py)
 
@@ -59,7 +61,7 @@ def tensor_image() -> pb.Image:
 
 
 def trailing_request_id(call: Any) -> str:
-    return dict(call.trailing_metadata())[ls.REQUEST_ID_KEY]
+    return dict(call.trailing_metadata())[REQUEST_ID_KEY]
 
 
 def test_failed_request_logs_one_structured_line_with_the_clients_request_id(
@@ -70,7 +72,7 @@ def test_failed_request_logs_one_structured_line_with_the_clients_request_id(
         stub = pb_grpc.ClassifierStub(channel)
         bad = pb.ClassifyRequest(model=MODEL, images=[pb.Image(encoded=b"\x89PNG truncated")])
         with pytest.raises(grpc.RpcError) as err:
-            stub.Classify(bad, metadata=[(ls.REQUEST_ID_KEY, "client-trace-7")], timeout=10)
+            stub.Classify(bad, metadata=[(REQUEST_ID_KEY, "client-trace-7")], timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert trailing_request_id(err.value) == "client-trace-7"
 
@@ -146,14 +148,14 @@ def test_rest_requests_write_the_same_access_and_failure_lines(server: Any, log_
         request = urllib.request.Request(
             f"http://127.0.0.1:{server.http_port}/v2/models/{MODEL}/infer",
             data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", ls.REQUEST_ID_KEY: rid},
+            headers={"Content-Type": "application/json", REQUEST_ID_KEY: rid},
         )
         try:
             with urllib.request.urlopen(request, timeout=10) as reply:
-                assert reply.headers[ls.REQUEST_ID_KEY] == rid
+                assert reply.headers[REQUEST_ID_KEY] == rid
                 return reply.status
         except urllib.error.HTTPError as exc:
-            assert exc.headers[ls.REQUEST_ID_KEY] == rid
+            assert exc.headers[REQUEST_ID_KEY] == rid
             return exc.code
 
     good = {

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
+
 from convserve.protos.inference import grpc_service_pb2 as pb
 from convserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from convserve.testing.prerequisites import require_module

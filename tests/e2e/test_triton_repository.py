@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from convserve.testing.prerequisites import require_module
 
 require_module("tritonclient", "tritonclient[grpc] is not installed (pip install -e '.[dev]')")

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from convserve.testing.prerequisites import require_module
 
 # find_spec, not importorskip: importing tritonclient here would collide with our own inference stubs.

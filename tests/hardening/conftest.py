@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from convserve.testing import ServerProcess
 from convserve.testing import start_server_process as _start
 from convserve.testing.prerequisites import require_binary

@@ -19,11 +19,12 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
+
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc
 from convserve.protos.inference import grpc_service_pb2 as v2pb
 from convserve.protos.inference import grpc_service_pb2_grpc
-from PIL import Image
 
 SC = grpc.StatusCode
 MAX_IMAGES = 1024  # the server's default max_images_per_request

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+
 from convserve.client import Client, ConvserveError, RetryPolicy
 from convserve.testing.waits import poll_until
-from PIL import Image
 
 TIMEOUT_S = 6.0  # each call's deadline, retries included
 SLACK_S = 1.0  # scheduling slack on a busy 2-core machine

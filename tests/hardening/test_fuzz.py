@@ -19,14 +19,15 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from convserve.protos.convserve.v1 import classifier_pb2 as pb
-from convserve.protos.convserve.v1 import classifier_pb2_grpc
-from convserve.protos.inference import grpc_service_pb2 as v2pb
-from convserve.protos.inference import grpc_service_pb2_grpc
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+
+from convserve.protos.convserve.v1 import classifier_pb2 as pb
+from convserve.protos.convserve.v1 import classifier_pb2_grpc
+from convserve.protos.inference import grpc_service_pb2 as v2pb
+from convserve.protos.inference import grpc_service_pb2_grpc
 
 FORBIDDEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 FUZZ = settings(

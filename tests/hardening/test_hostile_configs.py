@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from convserve.protos.convserve.v1 import classifier_pb2 as cpb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc
 from convserve.protos.inference import grpc_service_pb2 as pb
 from convserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from convserve.testing.hostile_configs import write_hostile_models
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 TOKEN = "hostile-configs-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from convserve.server.settings import default_model_repository
-
 from benchmarks.lifecycle import measure
+from convserve.server.settings import default_model_repository
 
 CYCLES = 20
 

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc
 
@@ -178,8 +179,8 @@ def test_non_finite_or_non_positive_normalisation_is_refused(
 
 
 def test_warm_up_batches_follow_the_config() -> None:
-    from convserve.server.model_check import ModelCheckError, warm_up, warm_up_batches
-    from convserve.server.model_config import ModelConfig
+    from convserve.common.model_config import ModelConfig
+    from convserve.server.repository.model_check import ModelCheckError, warm_up, warm_up_batches
 
     cfg = ModelConfig.from_dict(
         {

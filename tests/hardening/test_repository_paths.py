@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc
 from convserve.protos.inference import grpc_service_pb2 as v2pb
@@ -46,7 +47,7 @@ def test_names_with_a_newline_are_invalid(server: Any, name: str) -> None:
 
 
 def test_config_name_with_a_trailing_newline_is_refused() -> None:
-    from convserve.server.model_config import ModelConfig, ModelConfigError
+    from convserve.common.model_config import ModelConfig, ModelConfigError
 
     with pytest.raises(ModelConfigError, match="name must match"):
         ModelConfig.from_dict({"name": "m\n", "labels": ["a"]})

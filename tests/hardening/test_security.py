@@ -13,14 +13,15 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
+
 from convserve.client import Client, UnauthenticatedError
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc
 from convserve.protos.inference import grpc_service_pb2 as v2pb
 from convserve.protos.inference import grpc_service_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from PIL import Image
 
 TOKEN = "s3cret-token-for-tests"
 OTHER_TOKEN = "second-accepted-token"

@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc
 from convserve.protos.inference import grpc_service_pb2 as v2pb

@@ -17,18 +17,19 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc
 from convserve.protos.inference import grpc_service_pb2 as v2pb
 from convserve.protos.inference import grpc_service_pb2_grpc as v2grpc
-from convserve.server.cores import cgroup_quota_cores, usable_cores
+from convserve.server.processes.cores import cgroup_quota_cores, usable_cores
+from convserve.server.processes.supervisor import worker_settings
 from convserve.server.settings import Settings
-from convserve.server.supervisor import worker_settings
 from convserve.testing import ServerProcess, ServerStartError
 from convserve.testing import start_server_process as _start
 from convserve.testing.waits import poll_until
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 TOKEN = "workers-test-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -389,7 +390,7 @@ def test_usable_cores_follow_affinity_and_cgroup_quota(
     (v1 / "cpu.cfs_quota_us").write_text("-1\n")
     assert cgroup_quota_cores(tmp_path, "4:cpu,cpuacct:/pod\n") is None
 
-    import convserve.server.cores as cores
+    import convserve.server.processes.cores as cores
 
     monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.setattr(cores, "cgroup_quota_cores", lambda: 1.5)

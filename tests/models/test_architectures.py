@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+
 from convserve.models import build, list_architectures
 from convserve.models.export import STANDARD_DOMAINS, export_onnx_bytes, verify_onnx
 from convserve.models.layers import Conv2d, Pool2d

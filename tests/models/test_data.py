@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from convserve.models import data
-from convserve.server.preprocess import decode_image
 from PIL import Image
 from sklearn.datasets import load_digits as sk_load_digits
+
+from convserve.models import data
+from convserve.server.runtime.preprocess import decode_image
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from convserve.models import data, evaluate
-from convserve.server.model_config import load_config
-from convserve.testing.prerequisites import unavailable
 from PIL import Image
+
+from convserve.common.model_config import load_config
+from convserve.models import data, evaluate
+from convserve.testing.prerequisites import unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "model_repository" / "digits_lenet"
@@ -42,7 +43,7 @@ def test_accuracy_equals_a_direct_onnx_runtime_run_on_png_files(digits: data.Ima
                                                                  tmp_path: Path) -> None:
     """The evaluator's number, rebuilt independently: the test split written as PNG files (as a user would
     have them), decoded by the server's code path, run by a fresh ORT session, compared by label name."""
-    from convserve.server.preprocess import decode_image
+    from convserve.server.runtime.preprocess import decode_image
 
     _, test_idx = data.split_indices(digits.labels)
     folder = tmp_path / "digits_png"

@@ -9,10 +9,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from torch import nn
+
+from convserve.common.model_config import InputSpec, ModelConfig, load_config
 from convserve.models import build
 from convserve.models.export import ExportError, export_model, export_onnx_bytes, next_version, verify_onnx
-from convserve.server.model_config import InputSpec, ModelConfig, load_config
-from torch import nn
 
 LABELS = tuple(str(i) for i in range(10))
 

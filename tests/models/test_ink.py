@@ -7,9 +7,10 @@ import io
 
 import numpy as np
 import pytest
-from convserve.server.model_config import ModelConfig, ModelConfigError, Preprocessing
-from convserve.server.preprocess import decode_image, image_to_array, normalize_ink
 from PIL import Image, ImageDraw
+
+from convserve.common.model_config import ModelConfig, ModelConfigError, Preprocessing
+from convserve.server.runtime.preprocess import decode_image, image_to_array, normalize_ink
 
 LABELS = tuple("0123456789")
 INK = ModelConfig(name="ink", preprocessing=Preprocessing(polarity="auto", fit_ink=20),
@@ -127,7 +128,7 @@ def test_dust_is_filtered_but_a_one_pixel_pen_line_is_kept() -> None:
 def test_big_images_are_box_averaged_before_the_ink_is_normalised() -> None:
     """A photo-sized image is reduced to at most INK_WORK_SIDE pixels a side first: the model sees a 28-pixel
     window, and normalising 16 Mpx at full size cost over a second of CPU per image (issue #12's stall)."""
-    from convserve.server.preprocess import INK_WORK_SIDE
+    from convserve.server.runtime.preprocess import INK_WORK_SIDE
 
     big = _seven((3000, 2000), (900, 500), 25.0, paper=230, ink=20)
     factor = -(-3000 // INK_WORK_SIDE)

@@ -10,11 +10,12 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from convserve.cli import main
-from convserve.models import data, inspection
-from convserve.server.model_config import load_config
-from convserve.server.preprocess import decode_image
 from PIL import Image
+
+from convserve.cli import main
+from convserve.common.model_config import load_config
+from convserve.models import data, inspection
+from convserve.server.runtime.preprocess import decode_image
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "model_repository" / "digits_lenet"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from convserve.models import AvgPool2d, Conv2d, MaxPool2d, Pool2d
 from torch import nn
+
+from convserve.models import AvgPool2d, Conv2d, MaxPool2d, Pool2d
 
 CONV_ARGS = [
     dict(in_channels=3, out_channels=8, kernel_size=3),

@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from convserve.cli import main
 from convserve.common.model_config import VersionPolicy, load_config, write_config
 from convserve.models import data, evaluate, robustness
-from convserve.server.preprocess import decode_image
-from PIL import Image
+from convserve.server.runtime.preprocess import decode_image
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "model_repository" / "digits_lenet"

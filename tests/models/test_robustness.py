@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from convserve.cli import main
 from convserve.models import data, export, robustness, train
 

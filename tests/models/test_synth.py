@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from convserve.common.model_config import ModelConfig, Preprocessing
 from convserve.models import data, fonts, generalisation, synth
-from convserve.server.model_config import ModelConfig, Preprocessing
-from convserve.server.preprocess import image_to_array
+from convserve.server.runtime.preprocess import image_to_array
 from convserve.testing.prerequisites import unavailable
 
 CFG = ModelConfig(name="m", preprocessing=Preprocessing(polarity="auto", fit_ink=20),

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
+
 from convserve.models import data, train
 from convserve.testing.prerequisites import unavailable
-from PIL import Image
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ def rest(server: Any) -> str:
 def v2(server: Any) -> Iterator[Any]:
     """A v2 gRPC stub to the same server, to compare REST answers with gRPC ones."""
     import grpc
+
     from convserve.protos.inference import grpc_service_pb2_grpc
 
     channel = grpc.insecure_channel(server.address)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from convserve.testing.prerequisites import require_binary, require_module
 
 from ..docs.pages import check, code_blocks, console_commands, read, run_console, section

@@ -175,7 +175,7 @@ def _tensor_body(data: bytes, shape: list[int]) -> bytes:
 
 # The bodies that stalled the server: millions of numbers or of small arrays. Each is refused by a byte
 # count before a parser sees it, and the refusal names the binary tensor extension (the way to send big
-# tensors); the limits themselves are MAX_JSON_* in server/http/json_body.py.
+# tensors); the limits themselves are MAX_JSON_* in server/rest/json_body.py.
 JSON_FLOODS = [
     ("5 MB of numbers", b",".join([b"0.5"] * 1_300_000), [1_300_000], "bytes of JSON, over the 4194304"),
     ("2 M numbers", b",".join([b"0"] * 2_000_000), [2_000_000], "JSON values (',' separated), over"),

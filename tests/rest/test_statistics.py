@@ -8,11 +8,12 @@ from typing import Any
 
 import grpc
 import numpy as np
-from convserve.protos.inference import grpc_service_pb2 as pb
-from convserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from google.protobuf import json_format
 from prometheus_client.parser import text_string_to_metric_families
 from rest_client import get, post_json
+
+from convserve.protos.inference import grpc_service_pb2 as pb
+from convserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 
 def _x(n: int) -> np.ndarray:

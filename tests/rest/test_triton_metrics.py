@@ -78,7 +78,7 @@ def test_a_setting_turns_the_nv_families_off(server_factory: Any) -> None:
 def test_every_nv_family_is_exported_and_documented() -> None:
     from pathlib import Path
 
-    from convserve.server.triton_metrics import FAMILIES as EXPORTED
+    from convserve.server.observability.triton_metrics import FAMILIES as EXPORTED
 
     assert tuple(name for name, _, _ in EXPORTED) == FAMILIES
     page = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from convserve.testing.prerequisites import unavailable
 
 try:
@@ -83,9 +84,10 @@ def test_model_config_as_triton_writes_it(client: Any, model_repository: Path) -
 
 def test_config_matches_the_grpc_model_config(client: Any, guarded: Any) -> None:
     import grpc
+    from google.protobuf import json_format
+
     from convserve.protos.inference import grpc_service_pb2 as pb
     from convserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
-    from google.protobuf import json_format
 
     with grpc.insecure_channel(guarded.address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)

@@ -15,9 +15,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from convserve.server.batcher import Batcher
-from convserve.server.errors import DeadlineExpiredError, DrainingError, InvalidInputError, QueueFullError
 from onnx import TensorProto, helper, numpy_helper
+
+from convserve.server.errors import DeadlineExpiredError, DrainingError, InvalidInputError, QueueFullError
+from convserve.server.runtime.batcher import Batcher, BatchingPolicy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -133,7 +134,7 @@ def test_concurrent_callers_each_get_their_own_unbatched_result(session):
     inputs = [rng.standard_normal((1, 1, 4, 4)).astype(np.float32) for _ in range(40)]
 
     async def main():
-        b = Batcher(gate, max_batch_size=16)
+        b = Batcher(gate, BatchingPolicy(max_batch_size=16))
         b.start()
         first = asyncio.create_task(b.submit(inputs[0]))
         await gate.wait_entered()
@@ -158,7 +159,7 @@ def test_multi_image_requests_split_across_runs_come_back_in_order():
     starts = np.cumsum([0, *sizes[:-1]])
 
     async def main():
-        b = Batcher(gate, max_batch_size=4)
+        b = Batcher(gate, BatchingPolicy(max_batch_size=4))
         b.start()
         first = asyncio.create_task(b.submit(ids(0, 1)))
         await gate.wait_entered()
@@ -183,7 +184,7 @@ def test_split_request_finishes_correctly_across_parallel_instances(session):
     x = np.random.default_rng(2).standard_normal((50, 1, 4, 4)).astype(np.float32)
 
     async def main():
-        b = Batcher(ort_run(session), max_batch_size=8, instances=3)
+        b = Batcher(ort_run(session), BatchingPolicy(max_batch_size=8, instances=3))
         b.start()
         out = await b.submit(x)
         await b.stop()
@@ -196,7 +197,7 @@ def test_queue_bound_counts_images_and_refuses_at_once():
     gate = Gate()
 
     async def main():
-        b = Batcher(gate, max_batch_size=8, max_queue_size=16)
+        b = Batcher(gate, BatchingPolicy(max_batch_size=8, max_queue_size=16))
         b.start()
         running = asyncio.create_task(b.submit(ids(0, 1)))
         await gate.wait_entered()  # taken by the worker: no longer counts
@@ -222,7 +223,7 @@ def test_one_client_holds_at_most_its_share_and_another_still_gets_in():
     gate = Gate()
 
     async def main():
-        b = Batcher(gate, max_batch_size=8, max_queue_size=16)
+        b = Batcher(gate, BatchingPolicy(max_batch_size=8, max_queue_size=16))
         b.start()
         running = asyncio.create_task(b.submit(ids(0, 1), client="a"))  # a holds 1 (running)
         await gate.wait_entered()
@@ -254,7 +255,7 @@ def test_big_requests_hold_one_share_and_leave_room_for_small_ones():
     gate = Gate()
 
     async def main():
-        b = Batcher(gate, max_batch_size=2, max_queue_size=8)
+        b = Batcher(gate, BatchingPolicy(max_batch_size=2, max_queue_size=8))
         b.start()
         running = asyncio.create_task(b.submit(ids(0, 1)))
         await gate.wait_entered()
@@ -276,7 +277,7 @@ def test_request_waiting_for_room_fails_at_its_deadline_and_never_runs():
     gate = Gate()
 
     async def main():
-        b = Batcher(gate, max_batch_size=8, max_queue_size=8)
+        b = Batcher(gate, BatchingPolicy(max_batch_size=8, max_queue_size=8))
         b.start()
         running = asyncio.create_task(b.submit(ids(0, 1)))
         await gate.wait_entered()
@@ -293,12 +294,13 @@ def test_request_waiting_for_room_fails_at_its_deadline_and_never_runs():
 
 
 def test_backpressure_valve_shuts_while_a_stream_message_waits_for_room():
-    from convserve.server.batcher import Backpressure
+    from convserve.server.runtime.batcher import Backpressure
 
     gate = Gate()
 
     async def main():
-        b = Batcher(gate, max_batch_size=8, max_queue_size=4)  # waiting requests stay below 4 - 1
+        # Waiting requests stay below 4 - 1.
+        b = Batcher(gate, BatchingPolicy(max_batch_size=8, max_queue_size=4))
         b.start()
         running = asyncio.create_task(b.submit(ids(0, 1)))
         await gate.wait_entered()
@@ -323,7 +325,7 @@ def test_deadline_passing_in_queue_fails_request_and_it_never_runs():
     gate = Gate()
 
     async def main():
-        b = Batcher(gate, max_batch_size=8)
+        b = Batcher(gate, BatchingPolicy(max_batch_size=8))
         b.start()
         running = asyncio.create_task(b.submit(ids(0, 1)))
         await gate.wait_entered()
@@ -348,7 +350,7 @@ def test_cancelled_caller_is_removed_and_never_runs():
     gate = Gate()
 
     async def main():
-        b = Batcher(gate, max_batch_size=8)
+        b = Batcher(gate, BatchingPolicy(max_batch_size=8))
         b.start()
         running = asyncio.create_task(b.submit(ids(0, 1)))
         await gate.wait_entered()
@@ -379,7 +381,7 @@ def test_cancelled_caller_with_a_deadline_is_released_at_once_not_at_its_deadlin
     refs: list[weakref.ref] = []
 
     async def main():
-        b = Batcher(gate, max_batch_size=8)
+        b = Batcher(gate, BatchingPolicy(max_batch_size=8))
         b.start()
         running = asyncio.create_task(b.submit(ids(0, 1)))
         await gate.wait_entered()
@@ -408,7 +410,7 @@ def test_one_client_gets_batches_of_one_without_waiting(session):
     x = np.ones((1, 1, 4, 4), np.float32)
 
     async def main():
-        b = Batcher(ort_run(session), max_batch_size=64, observer=rec)
+        b = Batcher(ort_run(session), BatchingPolicy(max_batch_size=64), observer=rec)
         b.start()
         for _ in range(200):
             await b.submit(x)
@@ -426,11 +428,11 @@ def test_queue_delay_merges_requests_that_arrive_within_it():
     gate.open()
 
     async def main():
-        b = Batcher(gate, max_batch_size=8, max_queue_delay_us=200_000)
+        b = Batcher(gate, BatchingPolicy(max_batch_size=8, max_queue_delay_us=200_000))
         b.start()
         out = await asyncio.gather(*(b.submit(ids(i, 1)) for i in range(3)))
         # A full batch goes at once, long before a 100 s delay.
-        slow = Batcher(gate, max_batch_size=4, max_queue_delay_us=100_000_000)
+        slow = Batcher(gate, BatchingPolicy(max_batch_size=4, max_queue_delay_us=100_000_000))
         slow.start()
         t0 = time.perf_counter()
         await asyncio.gather(*(slow.submit(ids(10 + i, 1)) for i in range(4)))
@@ -449,7 +451,7 @@ def test_preferred_batch_sizes_cut_the_queue():
     gate = Gate()
 
     async def main():
-        b = Batcher(gate, max_batch_size=8, preferred_batch_sizes=(2, 4))
+        b = Batcher(gate, BatchingPolicy(max_batch_size=8, preferred_batch_sizes=(2, 4)))
         b.start()
         running = asyncio.create_task(b.submit(ids(0, 1)))
         await gate.wait_entered()
@@ -473,7 +475,7 @@ def test_instances_run_concurrently():
         return id_rows(x)
 
     async def main():
-        b = Batcher(run, max_batch_size=1, instances=2)
+        b = Batcher(run, BatchingPolicy(max_batch_size=1, instances=2))
         b.start()
         out = await asyncio.gather(b.submit(ids(0, 1)), b.submit(ids(1, 1)))
         await b.stop()
@@ -486,7 +488,7 @@ def test_batching_off_runs_each_request_alone_and_whole():
     gate = Gate()
 
     async def main():
-        b = Batcher(gate, max_batch_size=4, batching=False)
+        b = Batcher(gate, BatchingPolicy(max_batch_size=4, enabled=False))
         b.start()
         running = asyncio.create_task(b.submit(ids(0, 1)))
         await gate.wait_entered()
@@ -510,7 +512,7 @@ def test_model_error_reaches_every_caller_in_the_batch_and_batcher_keeps_serving
         return id_rows(x)
 
     async def main():
-        b = Batcher(run, max_batch_size=8)
+        b = Batcher(run, BatchingPolicy(max_batch_size=8))
         b.start()
         with pytest.raises(ValueError, match="boom"):
             await b.submit(ids(0, 2))
@@ -525,7 +527,7 @@ def test_stop_drains_then_refuses_and_grace_zero_drops_the_queue():
     gate = Gate()
 
     async def main():
-        b = Batcher(gate, max_batch_size=8)
+        b = Batcher(gate, BatchingPolicy(max_batch_size=8))
         b.start()
         running = asyncio.create_task(b.submit(ids(0, 1)))
         await gate.wait_entered()
@@ -540,7 +542,7 @@ def test_stop_drains_then_refuses_and_grace_zero_drops_the_queue():
         with pytest.raises(DrainingError):
             await b.submit(ids(2, 1))
 
-        drained = Batcher(id_rows, max_batch_size=8)
+        drained = Batcher(id_rows, BatchingPolicy(max_batch_size=8))
         drained.start()
         pending = [asyncio.create_task(drained.submit(ids(i, 1))) for i in range(5)]
         await asyncio.sleep(0)  # one loop step: every task has queued (or run) its request
@@ -552,7 +554,7 @@ def test_stop_drains_then_refuses_and_grace_zero_drops_the_queue():
 
 def test_empty_request_and_bad_settings_are_refused():
     async def main():
-        b = Batcher(id_rows, max_batch_size=4)
+        b = Batcher(id_rows, BatchingPolicy(max_batch_size=4))
         b.start()
         with pytest.raises(InvalidInputError, match="empty batch"):
             await b.submit(np.zeros((0, 1, 4, 4), np.float32))
@@ -560,6 +562,6 @@ def test_empty_request_and_bad_settings_are_refused():
 
     run_async(main())
     with pytest.raises(ValueError, match="preferred_batch_sizes"):
-        Batcher(id_rows, max_batch_size=4, preferred_batch_sizes=(8,))
+        Batcher(id_rows, BatchingPolicy(max_batch_size=4, preferred_batch_sizes=(8,)))
     with pytest.raises(ValueError, match="instances"):
-        Batcher(id_rows, max_batch_size=4, instances=0)
+        Batcher(id_rows, BatchingPolicy(max_batch_size=4, instances=0))

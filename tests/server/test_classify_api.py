@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 
 
@@ -56,9 +57,10 @@ def test_rgb_jpeg_and_resize(classifier: Any, model_repository: Path, run_refere
     """A 40x24 RGB JPEG is decoded and resized to the model's 16x16 input; the answer is the model's."""
     import io
 
-    from convserve.server.model_config import load_config
-    from convserve.server.preprocess import image_to_array
     from PIL import Image
+
+    from convserve.common.model_config import load_config
+    from convserve.server.runtime.preprocess import image_to_array
 
     rng = np.random.default_rng(1)
     img = Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8), "RGB")

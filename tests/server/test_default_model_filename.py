@@ -15,10 +15,11 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+
+from convserve.common.model_config import ModelConfigError
 from convserve.protos.inference import grpc_service_pb2 as pb
 from convserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
-from convserve.server.config_source import read_model_config
-from convserve.server.model_config import ModelConfigError
+from convserve.server.repository.config_source import read_model_config
 
 PBTXT = 'platform: "onnxruntime_onnx"\nmax_batch_size: 4\ndefault_model_filename: "{name}"\n'
 X = np.random.default_rng(11).normal(size=(2, 3, 16, 16)).astype(np.float32)

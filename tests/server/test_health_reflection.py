@@ -7,11 +7,12 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc
 from convserve.protos.inference import grpc_service_pb2 as v2pb
 from convserve.protos.inference import grpc_service_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SERVICES = ("", "convserve.v1.Classifier", "inference.GRPCInferenceService")
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+
 from convserve.protos.inference import grpc_service_pb2 as pb
 
 

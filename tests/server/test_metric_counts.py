@@ -6,10 +6,11 @@ from __future__ import annotations
 import threading
 
 import pytest
-from convserve.server.metrics import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS, STAGES, Metrics
-from convserve.server.stats import ModelStats
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+
+from convserve.server.observability.metrics import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS, STAGES, Metrics
+from convserve.server.observability.stats import ModelStats
 
 MV = ("model", "version")
 MVA = ("model", "version", "api")

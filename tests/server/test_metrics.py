@@ -9,10 +9,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from convserve.server.errors import InvalidInputError
-from convserve.server.metrics import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS, MODEL_STATES, Metrics
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+
+from convserve.server.errors import InvalidInputError
+from convserve.server.observability.metrics import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS, MODEL_STATES, Metrics
 
 EXPECTED = {
     "convserve_requests": "counter",

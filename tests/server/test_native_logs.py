@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from convserve.server.logging_setup import native_record
+from convserve.server.observability.logs import native_record
 from convserve.testing import start_server_process
 
 

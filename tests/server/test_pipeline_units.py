@@ -6,9 +6,12 @@ import io
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from convserve.common.model_config import ModelConfig, Preprocessing
 from convserve.server.errors import InvalidInputError
-from convserve.server.model_config import ModelConfig, Preprocessing
-from convserve.server.postprocess import (
+from convserve.server.repository.model_repository import parse_version, validate_model_name
+from convserve.server.runtime.postprocess import (
     SMALL_OUTPUT_VALUES,
     classify,
     classify_small,
@@ -17,10 +20,8 @@ from convserve.server.postprocess import (
     softmax,
     top_k,
 )
-from convserve.server.preprocess import ImageLimits, decode_image, stack, tensor_to_array
-from convserve.server.repository import parse_version, validate_model_name
-from convserve.server.session import provider_list
-from PIL import Image
+from convserve.server.runtime.preprocess import ImageLimits, decode_image, stack, tensor_to_array
+from convserve.server.runtime.session import provider_list
 
 GRAY = ModelConfig(name="g", labels=tuple("abcd"))
 RGB = ModelConfig(
@@ -136,7 +137,7 @@ def test_tensor_to_array_wraps_float32_without_copy() -> None:
 
 def test_provider_list_falls_back_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
     available = ["CPUExecutionProvider"]
-    with caplog.at_level("WARNING", logger="convserve.server.session"):
+    with caplog.at_level("WARNING", logger="convserve.server.runtime.session"):
         assert provider_list(["openvino", "cuda", "cpu"], available) == ["CPUExecutionProvider"]
         assert provider_list(["openvino", "cuda", "cpu"], available) == ["CPUExecutionProvider"]
     assert len([r for r in caplog.records if "openvino, cuda requested but not available" in r.message]) == 1

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from convserve.server.app import write_port_file
 from convserve.testing import child_env, loopback_command
 

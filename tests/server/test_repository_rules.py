@@ -12,10 +12,11 @@ from typing import Any
 
 import grpc
 import pytest
+
+from convserve.common.model_config import ModelConfigError
 from convserve.protos.inference import grpc_service_pb2 as v2pb
 from convserve.protos.inference import grpc_service_pb2_grpc
-from convserve.server.config_source import read_model_config
-from convserve.server.model_config import ModelConfigError
+from convserve.server.repository.config_source import read_model_config
 
 from ..conftest import start_server_thread, test_settings
 
@@ -104,8 +105,8 @@ def test_a_missing_repository_is_one_error_line_and_a_non_zero_exit(tmp_path: Pa
 
 
 def test_label_filename_is_reported_in_the_model_config(tmp_path: Path, make_model: Any) -> None:
+    from convserve.server.core.triton_model import model_config
     from convserve.server.settings import Settings
-    from convserve.server.triton_model import model_config
 
     folder = _model(tmp_path / "m", make_model, f"max_batch_size: 4\n{OUTPUT}".replace(
         "dims: [4]", "dims: [4] label_filename: 'names.txt'"))  # fmt: skip

@@ -9,10 +9,11 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc
 from convserve.testing.prerequisites import require_binary
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 TOKEN = "s3cret-token"
 

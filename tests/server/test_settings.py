@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from convserve.server.settings import Settings, SettingsError, add_arguments, from_args, resolve
 
 

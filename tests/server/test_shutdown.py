@@ -10,9 +10,10 @@ from typing import Any
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from convserve.protos.convserve.v1 import classifier_pb2 as pb
 from convserve.protos.convserve.v1 import classifier_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 def _in_flight(metrics_port: int, model: str) -> float:

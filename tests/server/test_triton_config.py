@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from convserve.server.autocomplete import complete_from_graph
-from convserve.server.config_source import read_model_config
-from convserve.server.model_config import ModelConfigError, write_config
-from convserve.server.triton_config import read_pbtxt
+
+from convserve.common.model_config import ModelConfigError, write_config
+from convserve.server.repository.autocomplete import complete_from_graph
+from convserve.server.repository.config_source import read_model_config
+from convserve.server.repository.triton_config import read_pbtxt
 
 FULL = """
 # A Triton model configuration as Triton's docs write them.
@@ -172,6 +173,7 @@ def test_polling_reloads_an_edited_config_pbtxt(server_factory: Any, tmp_path: P
     import time
 
     import grpc
+
     from convserve.protos.inference import grpc_service_pb2 as pb
     from convserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 

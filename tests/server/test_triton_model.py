@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from convserve.server.model_config import Batching, ModelConfig, VersionPolicy
+from convserve.common.model_config import Batching, ModelConfig, VersionPolicy
+from convserve.server.core.triton_model import model_config, model_statistics
 from convserve.server.settings import Settings
-from convserve.server.triton_model import model_config, model_statistics
 
 
 @dataclass(frozen=True)

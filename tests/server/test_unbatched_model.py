@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+
 from convserve.protos.inference import grpc_service_pb2 as pb
 from convserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 

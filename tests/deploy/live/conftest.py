@@ -134,7 +134,7 @@ def _infer_request(batch: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def rest() -> Callable[..., tuple[int, Any]]:
-    """``rest(port, path, body=None, timeout=10)`` → (status, JSON, text or None): one v2 REST call on loopback."""
+    """``rest(port, path, body=None, timeout=10)`` → (status, JSON, text or None): one v2 REST call."""
     return _rest
 
 

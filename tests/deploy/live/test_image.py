@@ -101,8 +101,8 @@ def test_image_runs_non_root_read_only_and_classifies_like_onnx_runtime(
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [Path(r["file"]).name for r in rows] == [f.name for f in files]
 
-    from convserve.server.model_config import load_config
-    from convserve.server.preprocess import decode_image
+    from convserve.common.model_config import load_config
+    from convserve.server.runtime.preprocess import decode_image
 
     config = json.loads((MODEL.parent.parent / "config.json").read_text())
     # The PNGs preprocessed here by the model's own config (whatever steps it names: ink fitting,
