@@ -50,6 +50,7 @@ system-deps:
 test: venv kserve-venv system-deps
 	$(BIN)/ruff check .
 	$(MAKE) typecheck
+	$(MAKE) docs
 	$(BIN)/python -m pytest
 	$(BIN)/python scripts/check_dependency_floor.py
 	$(MAKE) test-deploy
@@ -70,6 +71,10 @@ lint: venv
 # mypy over server, client, common and cli (pyproject.toml [tool.mypy]).
 typecheck: venv
 	$(BIN)/mypy
+
+# The docs site (mkdocs.yml, pages under docs/), strict: a broken link or anchor fails the build.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site
 
 # Reproduce the bundled digits model (scikit-learn's digits + printed digits from the training fonts, exported
 # to model_repository/) and its dense baseline for `convserve robustness` (exported to runs/baselines/).

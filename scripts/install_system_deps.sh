@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the tests drive for real: Prometheus (metrics checks), nginx (the local stack's gRPC
 # load balancer), HAProxy (checks the compose stack's balancer config), openssl (test certificates
-# for TLS/mTLS), curl (the README's REST examples, run by a test), strace (the repository boundary test)
+# for TLS/mTLS), curl (the docs' REST examples, run by a test), strace (the repository boundary test)
 # and h2load from nghttp2-client (the C load generator of benchmarks/h2load.py, driven by a test).
 # `make test-deploy` installs its
 # own (docker.io, mmdebstrap) in its scripts.

@@ -1,6 +1,6 @@
-"""Render the server's settings as the README's configuration table (run as `make docs`).
+"""Render the server's settings as the configuration page's table (docs/configuration.md).
 
-The table is derived from ``convserve.server.settings.Settings`` so the README cannot drift from
+The table is derived from ``convserve.server.settings.Settings`` so the docs cannot drift from
 the code; ``tests/test_readme.py`` fails when the committed table differs from this output.
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- settings:start -->", "<!-- settings:end -->"
+PAGE = ROOT / "docs" / "configuration.md"
 
 
 def _default(f) -> str:
@@ -35,16 +36,16 @@ def render() -> str:
     return "\n".join(rows)
 
 
-def update(readme: Path = ROOT / "README.md") -> bool:
+def update(page: Path = PAGE) -> bool:
     """Rewrite the table between the markers; return True when the file changed."""
-    text = readme.read_text()
+    text = page.read_text()
     pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
     new = pattern.sub(lambda _: f"{START}\n{render()}\n{END}", text)
     if new != text:
-        readme.write_text(new)
+        page.write_text(new)
     return new != text
 
 
 if __name__ == "__main__":
-    print("README.md updated" if update() else "README.md already current")
+    print(f"{PAGE.relative_to(ROOT)} updated" if update() else f"{PAGE.relative_to(ROOT)} already current")
     sys.exit(0)

@@ -1,6 +1,6 @@
 """The benchmark's baseline servers compute what they claim: a baseline that answered wrongly (or cheaply),
 counted its successes wrongly, or ran ONNX Runtime worse than convserve does would make every "convserve
-vs plain" ratio in the README a lie."""
+vs plain" ratio on the performance page a lie."""
 
 from __future__ import annotations
 

@@ -1,14 +1,15 @@
-"""The README's REST examples run as written (curl and bash, then tritonclient.http) against a live server.
+"""The REST page's examples run as written (curl and bash, then tritonclient.http) against a live server.
 
-The curl block's answers are checked against ONNX Runtime in-process (the JSON tensor) and against the
-gRPC API's answer for the same PNG (the binary-tensor classification).
+The curl session's answers are checked against what the page shows, against ONNX Runtime in-process (the
+JSON tensor) and against the gRPC API's answer for the same PNG (the binary-tensor classification).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
-import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +18,12 @@ import pytest
 
 from convserve.testing.prerequisites import require_binary, require_module
 
+from ..docs.pages import check, code_blocks, console_commands, read, run_console, section
+
 ROOT = Path(__file__).resolve().parents[2]
-SECTION = "## v2 HTTP/REST API"
+PAGE = "docs/rest.md"
 DOCUMENTED = "localhost:8000"
 BUNDLED = ROOT / "model_repository"
-
-
-def _section() -> str:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    start = text.index(f"\n{SECTION}\n")
-    end = text.find("\n## ", start + len(SECTION) + 2)
-    return text[start:end]
-
-
-def _block(lang: str) -> str:
-    (block,) = re.findall(rf"^```{lang}\n(.*?)^```", _section(), flags=re.S | re.M)
-    return block
 
 
 @pytest.fixture
@@ -45,14 +36,13 @@ def bundled(server_factory: Any, tmp_path: Path, encode_png: Any) -> Any:
 
 def test_curl_examples(bundled: Any, tmp_path: Path, run_reference: Any) -> None:
     require_binary("curl", "curl is not installed (make system-deps)")
-    script = _block("sh")
-    assert DOCUMENTED in script
-    script = script.replace(DOCUMENTED, f"127.0.0.1:{bundled.http_port}")
-    done = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    commands = console_commands(section(read(PAGE), "Examples with curl"))
+    assert all(DOCUMENTED in c.command for c in commands if c.command.startswith("curl"))
+    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    ran = run_console(commands, tmp_path, env, {DOCUMENTED: f"127.0.0.1:{bundled.http_port}"}, timeout=60)
+    for result in ran:
+        check(result)
+    lines = [result.output[0] for result in ran if result.command.command.startswith("curl")]
     assert json.loads(lines[0]) == {"ready": True}
     metadata, config, logits, classes, stats = (json.loads(line) for line in lines[1:])
 
@@ -87,7 +77,7 @@ def test_tritonclient_example(bundled: Any, capsys: pytest.CaptureFixture[str]) 
     require_module(
         "tritonclient", "tritonclient[http] is not installed (pip install -e '.[dev]')", module_level=False
     )
-    code = _block("python")
+    (code,) = code_blocks(section(read(PAGE), "With tritonclient.http"), "python")
     assert DOCUMENTED in code
     exec(compile(code.replace(DOCUMENTED, f"127.0.0.1:{bundled.http_port}"), "<REST example>", "exec"), {})
     printed = capsys.readouterr().out.splitlines()

@@ -20,7 +20,7 @@ from convserve.server.repository.config_source import read_model_config
 
 from ..conftest import start_server_thread, test_settings
 
-MAX_CONFIG_BYTES = 64 * 1024  # the limit README documents for config.json and config.pbtxt
+MAX_CONFIG_BYTES = 64 * 1024  # the limit docs/concepts.md documents for config.json and config.pbtxt
 OUTPUT = "output [{name: 'logits' data_type: TYPE_FP32 dims: [4]}]\n"
 
 
