@@ -10,7 +10,7 @@ reach the middleware) with the v2 body ``{"error": "..."}``, decided and logged 
 
 This relies on aiohttp's ``RequestHandler`` internals (``_messages``, ``_request_count``,
 ``_payload_parser``, ``_upgraded``) and the runner's ``_make_server`` hook; pyproject pins the aiohttp
-minor versions this was checked against, and tests/rest/test_rest_pipelining.py catches a change.
+minor versions this was checked against, and tests/server/rest/test_rest_pipelining.py catches a change.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def test_every_nv_family_is_exported_and_documented() -> None:
     from convserve.server.observability.triton_metrics import FAMILIES as EXPORTED
 
     assert tuple(name for name, _, _ in EXPORTED) == FAMILIES
-    page = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    page = (Path(__file__).resolve().parents[3] / "docs" / "operations.md").read_text()
     section = page.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
     for name in FAMILIES:
         assert f"`{name}`" in section, name

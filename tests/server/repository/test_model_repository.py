@@ -18,7 +18,7 @@ from convserve.protos.inference import grpc_service_pb2 as v2pb
 from convserve.protos.inference import grpc_service_pb2_grpc
 from convserve.server.repository.config_source import read_model_config
 
-from ..conftest import start_server_thread, test_settings
+from ...conftest import start_server_thread, test_settings
 
 MAX_CONFIG_BYTES = 64 * 1024  # the limit docs/concepts.md documents for config.json and config.pbtxt
 OUTPUT = "output [{name: 'logits' data_type: TYPE_FP32 dims: [4]}]\n"

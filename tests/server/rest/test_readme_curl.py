@@ -18,9 +18,9 @@ import pytest
 
 from convserve.testing.prerequisites import require_binary, require_module
 
-from ..docs.pages import check, code_blocks, console_commands, read, run_console, section
+from ...docs.pages import check, code_blocks, console_commands, read, run_console, section
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PAGE = "docs/rest.md"
 DOCUMENTED = "localhost:8000"
 BUNDLED = ROOT / "model_repository"

@@ -299,7 +299,7 @@ def test_recording_costs_microseconds_per_request(metrics: Metrics) -> None:
 
 def test_every_family_is_documented_in_the_metrics_section() -> None:
     """The operations page's Metrics section lists every metric family."""
-    page = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    page = (Path(__file__).resolve().parents[3] / "docs" / "operations.md").read_text()
     assert "\n## Metrics\n" in page, "no '## Metrics' section in docs/operations.md"
     section = page.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
     for name, kind in EXPECTED.items():
