@@ -6,7 +6,7 @@ from __future__ import annotations
 # names its own extra (set_defaults(extra=...)) so the message fits the command that failed.
 EXTRA_HINTS = {
     "server": "pip install 'convserve[server]' (or 'convserve[server-gpu]' for CUDA)",
-    "train": "pip install 'convserve[train]' (README: a CPU-only torch)",
+    "train": "pip install 'convserve[train]' (docs/getting-started.md: a CPU-only torch)",
 }
 
 

@@ -50,7 +50,7 @@ SERVICE_NAMES = (classify.SERVICE.full_name, inference_v2.SERVICE.full_name)
 # How long a thread may hold the GIL while another waits for it (CPython's default is 5 ms). A batcher
 # worker returning from ONNX Runtime must re-take the GIL from the event-loop thread, which is busy with
 # gRPC under load: at 5 ms every finished batch can sit that long before its replies go out. 0.5 ms
-# measured +20-30 % LeNet Classify throughput at C=32 and a lower p99 (README, Performance). Set for the
+# measured +20-30 % LeNet Classify throughput at C=32 and a lower p99 (docs/performance.md). Set for the
 # serving process only (``serve_forever``), not for in-process servers in tests or embedding code.
 GIL_SWITCH_INTERVAL_S = 0.0005
 

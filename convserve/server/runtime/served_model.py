@@ -44,7 +44,7 @@ class LoopLoad:
 
     Inline runs serialise every request on the loop and keep the batcher idle, so requests arriving back
     to back never see it busy and never merge: at C=32 the loop saturated at ~1.8k req/s inline against
-    ~2.4k through the batcher (README, Performance). A loop on CPU more than ``LOOP_BUSY_ABOVE`` of a
+    ~2.4k through the batcher (docs/performance.md). A loop on CPU more than ``LOOP_BUSY_ABOVE`` of a
     window (its thread CPU time over wall time) starts offloading; offloading continues while requests
     overlap in the batcher (there is concurrency to merge) and the loop stays above ``LOOP_IDLE_BELOW``.
     A serial client also keeps the loop busy but gains nothing from the batcher: a window with no overlap
