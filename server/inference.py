@@ -467,7 +467,11 @@ class InferenceCore:
                 f"images: {len(inputs)} images in one request, over the limit of {limit}; "
                 "split the request or raise --max-images-per-request"
             )
-        n = sum(1 if type(i) is EncodedImage else i.rows for i in inputs)  # type: ignore[union-attr]
+        if len(inputs) == 1:  # the common case, without a generator
+            only = inputs[0]
+            n = 1 if type(only) is EncodedImage else only.rows  # type: ignore[union-attr]
+        else:
+            n = sum(1 if type(i) is EncodedImage else i.rows for i in inputs)  # type: ignore[union-attr]
         if n > limit:
             raise TooManyImagesError(
                 f"images (tensor rows included): {n} images in one request, over the limit of {limit}; "
