@@ -364,6 +364,41 @@ def test_occasional_slow_inline_runs_keep_a_cheap_model_on_the_loop(model_reposi
     )
 
 
+@pytest.mark.parametrize(("offload_busy_loop", "to_batcher"), [(False, 0), (True, 16)])
+def test_a_saturated_loop_offloads_cheap_single_images_only_when_asked(
+    model_repository: Path, offload_busy_loop: bool, to_batcher: int
+) -> None:
+    """Under h2load on 2 cores, sending cheap single images from a busy loop to the batcher cost 130-340 µs
+    of server CPU per request and lost throughput at C=8/32/128 (docs/DESIGN.md), so by default a cheap
+    model's single images stay inline whatever the loop's load; ``offload_busy_loop`` brings the offload
+    back for setups where a spare core pays for the thread hop."""
+    x = np.zeros((1, 1, 8, 8), np.float32)
+
+    class Saturated:  # the loop-load rule says "offload" every time it is asked
+        def offload(self, now: float, thread_cpu: Any) -> bool:
+            return True
+
+    async def body(core: InferenceCore, repository: ModelRepository) -> int:
+        served = repository.resolve("gray", 1)
+        assert served.inline_session is not None, "the 8x8 test model is cheap enough to run inline"
+        served.loop_load = Saturated()  # type: ignore[assignment]
+        batcher = served.batcher
+        assert batcher is not None
+        submitted, real_submit = [0], batcher.submit
+
+        async def counting_submit(*args: Any, **kwargs: Any) -> Any:
+            submitted[0] += 1
+            return await real_submit(*args, **kwargs)
+
+        batcher.submit = counting_submit  # type: ignore[method-assign]
+        for _ in range(16):
+            await served.infer(x)
+        return submitted[0]
+
+    sent = _run_core(model_repository, body, inline_inference_us=1000, offload_busy_loop=offload_busy_loop)
+    assert sent == to_batcher, f"{sent} of 16 single images went to the batcher"
+
+
 @pytest.mark.parametrize(("spin_above_us", "spins"), [(-1, False), (1000, False), (0, True)])
 def test_only_models_with_expensive_runs_spin_onnx_runtime_threads(
     model_repository: Path, run_reference: Any, spin_above_us: int, spins: bool
