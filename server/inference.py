@@ -400,7 +400,9 @@ class InferenceCore:
                 version=served.version,
                 images=n,
                 labels=cfg.labels,
-                outputs=tuple(_postprocess(raw, o, cfg) for o in outputs),
+                outputs=(_postprocess(raw, outputs[0], cfg),)  # the common case, without a generator
+                if len(outputs) == 1
+                else tuple(_postprocess(raw, o, cfg) for o in outputs),
                 request_id=request.request_id,
             )
             return result if encode is None else encode(result)
