@@ -102,6 +102,11 @@ class Settings:
     inline_inference_us: int = _s(
         150, "single-image runs estimated at most this long run on the event loop when the batcher is idle"
     )
+    offload_busy_loop: bool = _s(
+        False,
+        "send cheap single images to the batcher while the event loop is saturated, to run them on "
+        "another core (measured slower under load on 2 cores: docs/DESIGN.md)",
+    )
     workers: int = _s(
         0,
         "serving processes sharing the ports under a supervisor (0 = one per usable core: CPU affinity "

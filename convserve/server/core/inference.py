@@ -401,7 +401,9 @@ class InferenceCore:
                 version=served.version,
                 images=n,
                 labels=cfg.labels,
-                outputs=tuple(_postprocess(raw, o, cfg) for o in outputs),
+                outputs=(_postprocess(raw, outputs[0], cfg),)  # the common case, without a generator
+                if len(outputs) == 1
+                else tuple(_postprocess(raw, o, cfg) for o in outputs),
                 request_id=request.request_id,
             )
             return result if encode is None else encode(result)
@@ -468,7 +470,11 @@ class InferenceCore:
                 f"images: {len(inputs)} images in one request, over the limit of {limit}; "
                 "split the request or raise --max-images-per-request"
             )
-        n = sum(i.rows if isinstance(i, TensorInput) else 1 for i in inputs)
+        if len(inputs) == 1:  # the common case, without a generator
+            only = inputs[0]
+            n = only.rows if isinstance(only, TensorInput) else 1
+        else:
+            n = sum(i.rows if isinstance(i, TensorInput) else 1 for i in inputs)
         if n > limit:
             raise TooManyImagesError(
                 f"images (tensor rows included): {n} images in one request, over the limit of {limit}; "

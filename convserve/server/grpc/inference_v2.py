@@ -184,12 +184,12 @@ def _inputs(request: pb.ModelInferRequest, cfg: ModelConfig) -> list[Input]:
     raw = request.raw_input_contents
     if raw and len(raw) != 1:
         raise InvalidInputError(f"raw_input_contents: expected one entry (one per input), got {len(raw)}")
-    if raw and inp.contents.ListFields():
+    if raw and inp.HasField("contents") and inp.contents.ListFields():
         # Triton and KServe refuse this too: which of the two tensors was meant is unknowable.
         raise InvalidInputError(
             f"{where}.contents: expected the tensor in either contents or raw_input_contents, got both"
         )
-    shape = tuple(int(d) for d in inp.shape)
+    shape = tuple(inp.shape)
     if inp.datatype == "FP32":
         if len(shape) != 4:
             raise InvalidInputError(

@@ -341,10 +341,10 @@ def tensor_to_array(
     wrapped without a copy); uint8 tensors are pixels in the model's layout, scaled and normalized
     exactly like decoded images.
     """
-    expected = tuple(int(d) for d in cfg.input.shape)
+    expected = tuple(map(int, cfg.input.shape))
     if dtype not in _DTYPES:
         raise InvalidInputError(f"{where}: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    shape = tuple(int(d) for d in shape)
+    shape = tuple(map(int, shape))
     if shape == expected:
         shape = (1, *shape)
     if len(shape) != 4 or shape[1:] != expected or shape[0] < 1:
@@ -359,9 +359,9 @@ def tensor_to_array(
             f"{where}: shape {list(shape)} of {dtype} needs {want} bytes, got {len(data)}"
         )
     arr = np.frombuffer(data, dtype=np_dtype).reshape(shape)
-    if np_dtype == np.uint8:
+    if dtype == "uint8":
         return normalize_pixels(arr, cfg)
-    if np_dtype != np.float32:
+    if dtype != "float32":
         arr = arr.astype(np.float32)
     # One float32 reduction catches any NaN/Inf (they propagate into the sum); only a suspicious sum pays
     # for the exact element-wise check, which also clears finite values whose sum merely overflowed.

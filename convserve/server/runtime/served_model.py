@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 # further above the bound never runs on the loop; a re-probe costs the loop at most that factor x the bound.
 REPROBE_FACTOR = 4
 REPROBE_EVERY = 32
+# The inline estimate is the fastest run (wall time) of the last INLINE_WINDOW inline runs or of those since:
+# what a run costs when nothing else interferes. A mean (it was an average of thread CPU time) follows the
+# box's load instead: a busy box's preemption and cache misses pushed LeNet's from ~45 µs to ~200 µs, over
+# the bound, and every single image then paid the batcher's thread hop. A model that really got slower
+# moves its estimate up after one window of slow runs.
+INLINE_WINDOW = 32
 # When cheap single images leave the loop for the batcher (``LoopLoad``): the loop thread's CPU share over a
 # LOOP_WINDOW_S window (measured: C=1 ~0.6 inline; C=32 ~0.9 inline, ~0.75 through the batcher).
 LOOP_WINDOW_S = 0.02
@@ -136,8 +142,11 @@ class ServedModel:
         self.inline_max_s = settings.inline_inference_us / 1e6
         self.inline_session: OnnxSession | None = None
         self.lone_session: OnnxSession | None = None  # a cheap model's spinning session for lone runs
-        self.inline_run_s = 0.0  # smoothed duration of one inline run
+        self.inline_run_s = 0.0  # estimated duration of one inline run (INLINE_WINDOW)
+        self._window_min = float("inf")  # fastest inline run of the current window
+        self._window_runs = 0
         self.loop_load = LoopLoad()
+        self.offload_busy_loop = settings.offload_busy_loop
         # The inference core's output plans for this version (server/core/inference.py), freed with it.
         self.plans: dict[tuple[object, ...], tuple[tuple[object, ...], int]] = {}
         self._pending = 0  # requests of this version waiting on the batcher
@@ -200,7 +209,7 @@ class ServedModel:
                     self.path, self.cfg, self.providers, inline_options(options), self.boundary
                 )
                 # A fresh session's first runs are slow (allocation, caches): warm it before timing.
-                self.inline_run_s = _median_run_s(self.inline_session, self.cfg, runs=15, warm=10)[0]
+                self.inline_run_s = _fastest_run_s(self.inline_session, self.cfg, runs=15, warm=10)
             except Exception:  # the batcher path still serves; inline is only an optimisation
                 log.exception("model %s version %s: no inline session", self.name, self.version)
                 self.inline_session = None
@@ -329,20 +338,14 @@ class ServedModel:
                 "could run the request; never ran"
             )
         inline = self.inline_session
-        if (
-            inline is not None
-            and len(batch) == 1
-            and batcher.idle
-            and self._inline_now()
-            and not self.loop_load.offload(time.perf_counter(), time.thread_time)
-        ):
-            t0, c0 = time.perf_counter(), time.thread_time()
-            out = inline.run(batch)
-            # The estimate follows the run's CPU on this thread (one-thread session), not wall time: on
-            # a busy machine preemption would otherwise push a cheap model off the inline path.
-            self.inline_run_s = 0.9 * self.inline_run_s + 0.1 * (time.thread_time() - c0)
-            self.stats.on_batch(1, time.perf_counter() - t0)
-            return out
+        if inline is not None and len(batch) == 1 and batcher.idle and self._inline_now():
+            t0 = time.perf_counter()
+            if not (self.offload_busy_loop and self.loop_load.offload(t0, time.thread_time)):
+                out = inline.run(batch)
+                took = time.perf_counter() - t0
+                self._inline_ran(took)
+                self.stats.on_batch(1, took)
+                return out
         self._pending += 1
         if self._pending > 1:
             self.loop_load.overlapped()
@@ -366,6 +369,19 @@ class ServedModel:
         assert session is not None
         return session.run(batch)
 
+    def _inline_ran(self, seconds: float) -> None:
+        """Fold one inline run's wall time into the estimate (INLINE_WINDOW): it drops at once to a faster
+        run and rises only to the fastest run of a whole window."""
+        if seconds < self._window_min:
+            self._window_min = seconds
+        self._window_runs += 1
+        if self._window_runs >= INLINE_WINDOW:
+            self.inline_run_s = self._window_min
+            self._window_min = float("inf")
+            self._window_runs = 0
+        elif seconds < self.inline_run_s:
+            self.inline_run_s = seconds
+
     def _inline_now(self) -> bool:
         """Whether a single image runs inline: its estimated cost is within the bound; or, for an estimate
         near the bound (a probe slowed by a busy machine), every ``REPROBE_EVERY``-th chance, so that the
@@ -382,6 +398,20 @@ def _spins(settings: Settings, session: OnnxSession) -> bool:
     """Whether spinning threads may serve this version at all: not when turned off, and not on a GPU,
     where the intra-op threads would spin through every kernel the device runs."""
     return settings.spin_above_us >= 0 and session.provider == "CPUExecutionProvider"
+
+
+def _fastest_run_s(session: OnnxSession, cfg: ModelConfig, runs: int, warm: int) -> float:
+    """The fastest of ``runs`` single-image runs (wall time) after ``warm`` untimed ones: the inline
+    estimate's start, robust to a busy machine slowing some of them."""
+    probe = np.zeros((1, *cfg.input.shape), dtype=np.float32)
+    for _ in range(warm):
+        session.run(probe)
+    fastest = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        session.run(probe)
+        fastest = min(fastest, time.perf_counter() - t0)
+    return fastest
 
 
 def _median_run_s(
