@@ -308,7 +308,12 @@ async def supervise(settings: Settings, workers: int) -> int:
             http_port = reserved[-1].getsockname()[1]
         cores = usable_cores()
         plan = WorkerPlan(
-            worker_settings(settings, workers, cores, grpc_port, http_port), workers, settings.metrics_enabled
+            worker_settings(settings, workers, cores, grpc_port, http_port),
+            workers,
+            settings.metrics_enabled,
+            # Expensive models' runs take every core, one at a time (runtime/core_share.py), unless the
+            # user set the threads.
+            share_cores=cores if settings.intra_op_threads == 0 and cores > 1 else 0,
         )
         write_plan(run_dir, plan)
         sup = Supervisor(settings, workers, run_dir, (grpc_port, http_port))

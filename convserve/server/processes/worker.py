@@ -29,6 +29,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from ..runtime import core_share
 from ..settings import Settings
 
 log = logging.getLogger("convserve.worker")
@@ -57,6 +58,9 @@ class WorkerPlan:
     settings: Settings
     workers: int
     metrics: bool
+    # Every usable core, for expensive models' runs one at a time across the workers (runtime/core_share.py);
+    # 0 = no core share (threads set by the user).
+    share_cores: int = 0
 
 
 def control_path(run_dir: Path, index: int) -> Path:
@@ -69,7 +73,12 @@ def grpc_address(run_dir: Path, index: int) -> str:
 
 
 def write_plan(run_dir: Path, plan: WorkerPlan) -> None:
-    data = {"settings": dataclasses.asdict(plan.settings), "workers": plan.workers, "metrics": plan.metrics}
+    data = {
+        "settings": dataclasses.asdict(plan.settings),
+        "workers": plan.workers,
+        "metrics": plan.metrics,
+        "share_cores": plan.share_cores,
+    }
     path = run_dir / _PLAN
     path.write_text(json.dumps(data))
     path.chmod(0o600)  # it holds the auth tokens, when given as settings
@@ -78,7 +87,9 @@ def write_plan(run_dir: Path, plan: WorkerPlan) -> None:
 def read_plan(run_dir: Path) -> WorkerPlan:
     data = json.loads((run_dir / _PLAN).read_text())
     values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data["settings"].items()}
-    return WorkerPlan(Settings(**values), int(data["workers"]), bool(data["metrics"]))
+    return WorkerPlan(
+        Settings(**values), int(data["workers"]), bool(data["metrics"]), int(data.get("share_cores", 0))
+    )
 
 
 async def control_call(
@@ -206,6 +217,8 @@ async def _serve_worker(plan: WorkerPlan, run_dir: Path, index: int) -> int:
     from ..observability.metrics import process_registry
 
     settings = plan.settings
+    if plan.share_cores:
+        core_share.configure(core_share.CoreShare(plan.share_cores, run_dir / "cores.lock"))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

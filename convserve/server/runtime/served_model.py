@@ -20,6 +20,7 @@ from ..observability.stats import ModelStats
 from ..repository.model_check import warm_up
 from ..repository.model_files import Boundary
 from ..settings import Settings
+from . import core_share
 from .batcher import Backpressure, Batcher, BatchingPolicy
 from .session import OnnxSession, SessionOptions, inline_options
 
@@ -37,6 +38,9 @@ REPROBE_EVERY = 32
 # the bound, and every single image then paid the batcher's thread hop. A model that really got slower
 # moves its estimate up after one window of slow runs.
 INLINE_WINDOW = 32
+# A model whose one-image run takes longer than this (wall time, on its worker's share of the threads) runs
+# on every core under the workers' core share (core_share.py); the lock's syscalls are noise next to it.
+EXPENSIVE_RUN_S = 0.001
 # When cheap single images leave the loop for the batcher (``LoopLoad``): the loop thread's CPU share over a
 # LOOP_WINDOW_S window (measured: C=1 ~0.6 inline; C=32 ~0.9 inline, ~0.75 through the batcher).
 LOOP_WINDOW_S = 0.02
@@ -142,6 +146,7 @@ class ServedModel:
         self.inline_max_s = settings.inline_inference_us / 1e6
         self.inline_session: OnnxSession | None = None
         self.lone_session: OnnxSession | None = None  # a cheap model's spinning session for lone runs
+        self.core_share: core_share.CoreShare | None = None  # set when this version's runs take every core
         self.inline_run_s = 0.0  # estimated duration of one inline run (INLINE_WINDOW)
         self._window_min = float("inf")  # fastest inline run of the current window
         self._window_runs = 0
@@ -185,7 +190,20 @@ class ServedModel:
         try:
             session = OnnxSession(self.path, self.cfg, self.providers, options, self.boundary)
             warm_up(session.run, self.cfg)  # serves only after real batches give [N, classes] finite values
-            cpu_s, wall_s = _median_run_s(session, self.cfg)  # one probe for both decisions below
+            cpu_s, wall_s = _median_run_s(session, self.cfg)  # one probe for the decisions below
+            share = core_share.current()
+            if (
+                share is not None
+                and wall_s > EXPENSIVE_RUN_S
+                and session.provider == "CPUExecutionProvider"
+                and share.cores > options.intra_op_threads
+            ):
+                # A worker's split of the threads would halve an expensive model's runs: it takes every
+                # core instead, one run at a time across the workers (core_share.py).
+                options = dataclasses.replace(options, intra_op_threads=share.cores)
+                session = OnnxSession(self.path, self.cfg, self.providers, options, self.boundary)
+                warm_up(session.run, self.cfg)
+                self.core_share = share
             if _spins(s, session) and s.spin_above_us < 1e6 * wall_s:
                 # An expensive model's runs hand work between operators faster with spinning threads
                 # (ResNet-18, C=1: +13% img/s); a cheap one's would take the loop's core (docs/DESIGN.md).
@@ -367,6 +385,9 @@ class ServedModel:
             return lone.run(batch)
         session = self.session
         assert session is not None
+        if self.core_share is not None:
+            with self.core_share.held():
+                return session.run(batch)
         return session.run(batch)
 
     def _inline_ran(self, seconds: float) -> None:

@@ -138,6 +138,7 @@ class OnnxSession:
     ) -> None:
         self.path = Path(path)
         self.cfg = cfg
+        self.options = options
         self.spinning = options.spin_during_runs
         opts = ort_options(options)
         wanted = provider_list(providers)
