@@ -87,7 +87,7 @@ def test_console_sessions_run_as_shown(
 
 def test_every_console_session_is_run_by_a_test() -> None:
     """A ```console block promises that its commands run as shown, so only pages a test runs have one."""
-    run_elsewhere = {"docs/rest.md": ("Examples with curl", "tests/server/rest/test_readme_curl.py")}
+    run_elsewhere = {"docs/rest.md": ("Examples with curl", "tests/server/rest/test_rest_page_commands.py")}
     pages = ["README.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))]
     for page in pages:
         commands = console_commands(read(page))

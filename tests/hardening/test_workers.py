@@ -131,6 +131,8 @@ def test_a_clean_start_logs_no_error_and_each_worker_says_what_it_serves(workers
     assert " ERROR " not in log, [line for line in log.splitlines() if " ERROR " in line]
     for i in range(WORKERS):
         assert any("1 model version(s) [m:1]" in line and f"worker={i}" in line for line in log.splitlines())
+    # Expensive models share every core between the workers unless threads are set (runtime/core_share.py).
+    assert (f"expensive models: {usable_cores()}, one run at a time" in log) == (usable_cores() > 1)
 
 
 def test_port_file_lists_every_worker_once_each_serves(workers: ServerProcess) -> None:

@@ -325,9 +325,10 @@ async def supervise(settings: Settings, workers: int) -> int:
         return 1
     log.info(
         "supervising %d workers on gRPC port %d, REST %s, metrics %s (%d usable cores, %d ONNX Runtime "
-        "thread(s) per worker)",
+        "thread(s) per worker%s)",
         workers, grpc_port, http_port if http_port >= 0 else "off", sup.metrics_port or "off", cores,
         plan.settings.intra_op_threads,
+        f"; expensive models: {plan.share_cores}, one run at a time" if plan.share_cores else "",
     )  # fmt: skip
     tasks = [asyncio.create_task(sup._keep(w)) for w in sup.workers]
     if settings.metrics_enabled:
