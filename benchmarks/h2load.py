@@ -131,12 +131,16 @@ def tree_cpu_seconds(pid: int) -> float:
 
 
 def h2load_command(h2load: str, port: int, body: Path, concurrency: int, connections: int,
-                   duration: float, log_file: Path | None) -> list[str]:
-    """h2load keeping ``concurrency`` calls in flight over ``min(concurrency, connections)`` connections."""
+                   duration: float, log_file: Path | None, requests: int = 0) -> list[str]:
+    """h2load keeping ``concurrency`` calls in flight over ``min(concurrency, connections)`` connections,
+    for ``duration`` seconds or, when ``requests`` is set, until that many calls are answered."""
     clients = min(concurrency, connections)
     if concurrency % clients:
         raise ValueError(f"concurrency {concurrency} is not a multiple of {clients} connections")
-    cmd = [h2load, "-D", f"{round(duration * 1000)}ms", "-c", str(clients), "-m", str(concurrency // clients),
+    if requests and requests < concurrency:
+        raise ValueError(f"{requests} requests cannot keep {concurrency} in flight")
+    limit = ["-n", str(requests)] if requests else ["-D", f"{round(duration * 1000)}ms"]
+    cmd = [h2load, *limit, "-c", str(clients), "-m", str(concurrency // clients),
            "-t", "1", "-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers"]
     if log_file is not None:
         cmd += ["--log-file", str(log_file)]
@@ -148,18 +152,27 @@ _SUCCEEDED = re.compile(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) su
 
 
 def measure(h2load: str, target: Target, body: Path, batch: int, concurrency: int, connections: int,
-            warmup: float, duration: float, work: Path) -> Sample:
+            warmup: float, duration: float, work: Path, requests: int = 0) -> Sample:
     """One round for one server: an unmeasured warm-up, then a measured h2load run checked against the
-    server's counter. Raises RuntimeError when h2load fails or the counts disagree."""
+    server's counter. Raises RuntimeError when h2load fails or the counts disagree.
+
+    With ``requests``, the measured run is that many calls, timed to the last reply, and the warm-up is
+    one call per stream: for requests of a second or more, where a timed window counts whole calls only
+    (a call more or less moves a 15 s window's figure by several per cent) and cuts calls off at its end.
+    """
     port = int(target.server.target.rsplit(":", 1)[1])
-    if warmup > 0:
+    if requests and warmup > 0:
+        subprocess.run(h2load_command(h2load, port, body, concurrency, connections, 0, None, concurrency),
+                       check=True, capture_output=True, timeout=600)
+    elif warmup > 0:
         subprocess.run(h2load_command(h2load, port, body, concurrency, connections, warmup, None),
                        check=True, capture_output=True, timeout=warmup + 60)
     log_file = work / f"h2load-{time.monotonic_ns()}.log"
     before = finished(target)
     cpu0 = tree_cpu_seconds(target.server.pid)
-    run = subprocess.run(h2load_command(h2load, port, body, concurrency, connections, duration, log_file),
-                         capture_output=True, text=True, timeout=duration + 60)
+    run = subprocess.run(h2load_command(h2load, port, body, concurrency, connections, duration, log_file,
+                                        requests),
+                         capture_output=True, text=True, timeout=duration + 60 if not requests else 3600)
     cpu = tree_cpu_seconds(target.server.pid) - cpu0
     ok, cancelled, failed = (a - b for a, b in zip(finished(target), before, strict=True))
     counts = _SUCCEEDED.search(run.stdout)
@@ -170,7 +183,7 @@ def measure(h2load: str, target: Target, body: Path, batch: int, concurrency: in
     # A call still in flight when h2load's clock runs out is not counted by h2load; the server answers it
     # (OK) or sees it cancelled as h2load closes the connection: at most one per stream, at the end of the
     # measured run and, for requests longer than the gap between the two (big batches), of the warm-up.
-    unseen = concurrency * (2 if warmup > 0 else 1)
+    unseen = 0 if requests else concurrency * (2 if warmup > 0 else 1)
     if failed or done != succeeded or not succeeded <= ok <= ok + cancelled <= succeeded + unseen:
         raise RuntimeError(
             f"{target.name} C={concurrency}: h2load saw {succeeded} HTTP successes of {done} done, the "
@@ -248,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--duration", type=float, default=4.0, help="seconds measured per server per round")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds of load before each")
+    p.add_argument("--requests", type=int, default=0,
+                   help="measure this many calls per server per round, timed to the last reply, instead "
+                   "of --duration seconds (with a warm-up of one call per stream when --warmup > 0); for "
+                   "requests that take a second or more")
     p.add_argument("--model", choices=("lenet", "resnet"), default="lenet")
     p.add_argument("--batch", type=int, default=1, help="images per request")
     p.add_argument("--out", type=Path, default=models.REPO_ROOT / "bench_results" / "h2load.json")
@@ -265,11 +282,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"unknown baseline(s) {', '.join(unknown)}; "
                              f"expected some of {', '.join(BASELINES)}")
         for c in conc:
-            h2load_command(h2load, 0, Path(), c, a.connections, 1, None)
+            h2load_command(h2load, 0, Path(), c, a.connections, 1, None, a.requests)
     except ValueError as exc:
         p.error(str(exc))
     names = [n for n, _ in variants] + baselines
-    per_round = len(names) * len(conc) * (a.warmup + a.duration + 0.5)
+    per_round = len(names) * len(conc) * (a.warmup + a.duration + 0.5)  # (unknown ahead with --requests)
     args = sys.argv[1:] if argv is None else argv
     print(f"# {' '.join(['python -m benchmarks.h2load', *map(shlex.quote, args)])}")
     print(f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, load average "
@@ -293,13 +310,16 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(a.rounds):
             for c in conc:
                 for t in targets if rnd % 2 == 0 else reversed(targets):
-                    s = measure(h2load, t, body, a.batch, c, a.connections, a.warmup, a.duration, work)
+                    s = measure(h2load, t, body, a.batch, c, a.connections, a.warmup, a.duration, work,
+                                a.requests)
                     results.setdefault((t.name, c), []).append(s)
-                    print(f"round {rnd + 1} C={c:<3} {t.name:<14} {s.requests_per_s:8,.0f} req/s "
+                    print(f"round {rnd + 1} C={c:<3} {t.name:<14} {s.requests_per_s:8,.1f} req/s "
+                          f"{s.images_per_s:8,.1f} img/s "
                           f"p50 {s.p50_ms:6.2f} p99 {s.p99_ms:6.2f} ms  "
                           f"cpu {s.cpu_us_per_request:5.0f} µs/req  load {s.loadavg:.1f}", flush=True)
     print(f"\nmedians over {a.rounds} rounds: {a.model}, v2 ModelInfer, {a.batch} image(s) per request, "
-          f"h2load over at most {a.connections} connections, {a.duration:g} s per server per round; "
+          f"h2load over at most {a.connections} connections, "
+          f"{f'{a.requests} calls' if a.requests else f'{a.duration:g} s'} per server per round; "
           f"load average at end {' / '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     print(report(results, names, conc, a.reference))
     a.out.parent.mkdir(parents=True, exist_ok=True)

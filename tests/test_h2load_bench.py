@@ -89,3 +89,19 @@ def test_a_counter_that_missed_the_calls_is_refused(h2load: str, empty: Target, 
     blind = dataclasses.replace(empty, counter="convserve_requests")
     with pytest.raises(RuntimeError, match="not trustworthy"):
         measure(h2load, blind, body(tmp_path), 1, 2, 2, 0.0, 0.5, tmp_path)
+
+
+def test_a_round_of_a_fixed_number_of_calls_counts_exactly_those(
+    h2load: str, convserve: Target, tmp_path: Path
+) -> None:
+    """--requests: the measured run is exactly that many calls (none cut off at a window's end), after a
+    warm-up of one call per stream, and its rate is those calls over the time to the last reply."""
+    ok0 = finished(convserve)[0]
+    started = time.monotonic()
+    s = measure(h2load, convserve, body(tmp_path), 1, 4, 2, 1.0, 0.0, tmp_path, requests=24)
+    elapsed = time.monotonic() - started
+    assert s.requests == 24
+    assert finished(convserve)[0] - ok0 == 24 + 4  # the warm-up: one call on each of the 4 streams
+    assert 24 / elapsed <= s.requests_per_s  # timed over the measured calls alone
+    with pytest.raises(ValueError, match="cannot keep 4 in flight"):
+        measure(h2load, convserve, body(tmp_path), 1, 4, 2, 0.0, 0.0, tmp_path, requests=3)
