@@ -33,12 +33,24 @@ from convserve.server.core.inference import (
 from convserve.server.errors import InvalidInputError, ReplyTooLargeError
 from convserve.server.observability.metrics import Metrics
 from convserve.server.repository.model_repository import ModelRepository
-from convserve.server.runtime.batcher import BatchingPolicy
+from convserve.server.runtime.batcher import Batcher, BatchingPolicy
 from convserve.server.runtime.served_model import _spins
 
 from ...conftest import test_settings
 
 BIG = 64 * 1024 * 1024
+
+
+def count_submits(batcher: Batcher) -> list[int]:
+    """Count the requests sent through ``batcher`` from now on: [count], updated in place."""
+    submitted, real_submit = [0], batcher.submit
+
+    async def counting_submit(*args: Any, **kwargs: Any) -> Any:
+        submitted[0] += 1
+        return await real_submit(*args, **kwargs)
+
+    batcher.submit = counting_submit  # type: ignore[method-assign]
+    return submitted
 
 
 def _big_png(side: int = 4000) -> bytes:
@@ -262,18 +274,10 @@ def test_pessimistic_inline_estimate_recovers(model_repository: Path) -> None:
             await served.infer(x)
         batcher = served.batcher
         assert batcher is not None
-        submitted = 0
-        real_submit = batcher.submit
-
-        async def counting_submit(*args: Any, **kwargs: Any) -> Any:
-            nonlocal submitted
-            submitted += 1
-            return await real_submit(*args, **kwargs)
-
-        batcher.submit = counting_submit  # type: ignore[method-assign]
+        submitted = count_submits(batcher)
         for _ in range(50):
             await served.infer(x)
-        return served.inline_run_s, served.inline_max_s, submitted, 50
+        return served.inline_run_s, served.inline_max_s, submitted[0], 50
 
     # A 1 ms bound: the 8x8 model's runs cost tens of µs, so a busy box (this suite shares its cores)
     # cannot push a recovered estimate over it, while a stuck one stays at twice the bound.
@@ -313,13 +317,7 @@ def test_occasional_slow_inline_runs_keep_a_cheap_model_on_the_loop(model_reposi
             await served.infer(x)
         batcher = served.batcher
         assert batcher is not None
-        submitted, real_submit = [0], batcher.submit
-
-        async def counting_submit(*args: Any, **kwargs: Any) -> Any:
-            submitted[0] += 1
-            return await real_submit(*args, **kwargs)
-
-        batcher.submit = counting_submit  # type: ignore[method-assign]
+        submitted = count_submits(batcher)
         for _ in range(64):
             await served.infer(x)
         return submitted[0], 64, served.inline_run_s
@@ -352,13 +350,7 @@ def test_a_saturated_loop_offloads_cheap_single_images_only_when_asked(
         served.loop_load = Saturated()  # type: ignore[assignment]
         batcher = served.batcher
         assert batcher is not None
-        submitted, real_submit = [0], batcher.submit
-
-        async def counting_submit(*args: Any, **kwargs: Any) -> Any:
-            submitted[0] += 1
-            return await real_submit(*args, **kwargs)
-
-        batcher.submit = counting_submit  # type: ignore[method-assign]
+        submitted = count_submits(batcher)
         for _ in range(16):
             await served.infer(x)
         return submitted[0]

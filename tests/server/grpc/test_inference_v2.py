@@ -12,6 +12,8 @@ import pytest
 
 from convserve.protos.inference import grpc_service_pb2 as pb
 
+from ..rest.rest_client import bytes_elements
+
 
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=1, keepdims=True))
@@ -26,15 +28,6 @@ def _fp32_request(x: np.ndarray, model: str = "gray", version: str = "", raw: bo
     else:
         request.inputs[0].contents.fp32_contents.extend(x.ravel().tolist())
     return request
-
-
-def _bytes_tensor(raw: bytes) -> list[bytes]:
-    items, pos = [], 0
-    while pos < len(raw):
-        (n,) = struct.unpack_from("<I", raw, pos)
-        items.append(raw[pos + 4 : pos + 4 + n])
-        pos += 4 + n
-    return items
 
 
 def test_model_ready_answers_false_for_unknown_models_and_versions_as_triton_does(v2: Any) -> None:
@@ -92,7 +85,7 @@ def test_classification_extension(v2: Any, model_repository: Path, run_reference
     out.parameters["classification"].int64_param = 3
     reply = v2.ModelInfer(request)
     assert (reply.outputs[0].datatype, list(reply.outputs[0].shape)) == ("BYTES", [3, 3])
-    strings = [s.decode() for s in _bytes_tensor(reply.raw_output_contents[0])]
+    strings = [s.decode() for s in bytes_elements(reply.raw_output_contents[0])]
     probs = _softmax(run_reference(model_repository / "rgb" / "1" / "model.onnx", x))
     for row in range(3):
         order = np.argsort(-probs[row])[:3]
@@ -105,7 +98,7 @@ def test_classification_extension(v2: Any, model_repository: Path, run_reference
     request.parameters["classification"].int64_param = 2
     reply = v2.ModelInfer(request)
     assert list(reply.outputs[0].shape) == [3, 2]
-    assert len(_bytes_tensor(reply.raw_output_contents[0])) == 6
+    assert len(bytes_elements(reply.raw_output_contents[0])) == 6
 
 
 def test_bytes_input_of_encoded_images(

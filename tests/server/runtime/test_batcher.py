@@ -124,6 +124,16 @@ async def until_queued(batcher: Batcher, images: int) -> None:
     raise AssertionError(f"queue holds {batcher.depth} images, expected {images}")
 
 
+async def held(gate: Gate, policy: BatchingPolicy) -> tuple[Batcher, asyncio.Task]:
+    """A started batcher whose worker is inside ``gate`` with one image (id 0): what is submitted next
+    queues behind it until the gate opens."""
+    b = Batcher(gate, policy)
+    b.start()
+    running = asyncio.create_task(b.submit(ids(0, 1)))
+    await gate.wait_entered()
+    return b, running
+
+
 def run_async(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
@@ -197,10 +207,8 @@ def test_queue_bound_counts_images_and_refuses_at_once():
     gate = Gate()
 
     async def main():
-        b = Batcher(gate, BatchingPolicy(max_batch_size=8, max_queue_size=16))
-        b.start()
-        running = asyncio.create_task(b.submit(ids(0, 1)))
-        await gate.wait_entered()  # taken by the worker: no longer counts
+        # The held image is taken by the worker: it no longer counts against the queue.
+        b, running = await held(gate, BatchingPolicy(max_batch_size=8, max_queue_size=16))
         queued = [asyncio.create_task(b.submit(ids(1 + 4 * i, 4))) for i in range(4)]  # 4 shares of 4
         await until_queued(b, 16)
         t0 = time.perf_counter()
@@ -255,10 +263,7 @@ def test_big_requests_hold_one_share_and_leave_room_for_small_ones():
     gate = Gate()
 
     async def main():
-        b = Batcher(gate, BatchingPolicy(max_batch_size=2, max_queue_size=8))
-        b.start()
-        running = asyncio.create_task(b.submit(ids(0, 1)))
-        await gate.wait_entered()
+        b, running = await held(gate, BatchingPolicy(max_batch_size=2, max_queue_size=8))
         big = [asyncio.create_task(b.submit(ids(100, 8))), asyncio.create_task(b.submit(ids(200, 8)))]
         await until_queued(b, 4)
         small = [asyncio.create_task(b.submit(ids(10 + i, 1))) for i in range(4)]
@@ -277,10 +282,7 @@ def test_request_waiting_for_room_fails_at_its_deadline_and_never_runs():
     gate = Gate()
 
     async def main():
-        b = Batcher(gate, BatchingPolicy(max_batch_size=8, max_queue_size=8))
-        b.start()
-        running = asyncio.create_task(b.submit(ids(0, 1)))
-        await gate.wait_entered()
+        b, running = await held(gate, BatchingPolicy(max_batch_size=8, max_queue_size=8))
         queued = [asyncio.create_task(b.submit(ids(1 + 2 * i, 2))) for i in range(4)]
         await until_queued(b, 8)
         with pytest.raises(DeadlineExpiredError, match="waiting for room"):
@@ -300,10 +302,7 @@ def test_backpressure_valve_shuts_while_a_stream_message_waits_for_room():
 
     async def main():
         # Waiting requests stay below 4 - 1.
-        b = Batcher(gate, BatchingPolicy(max_batch_size=8, max_queue_size=4))
-        b.start()
-        running = asyncio.create_task(b.submit(ids(0, 1)))
-        await gate.wait_entered()
+        b, running = await held(gate, BatchingPolicy(max_batch_size=8, max_queue_size=4))
         queued = [asyncio.create_task(b.submit(ids(1 + i, 1))) for i in range(3)]
         await until_queued(b, 3)
         valve = Backpressure()
@@ -325,10 +324,7 @@ def test_deadline_passing_in_queue_fails_request_and_it_never_runs():
     gate = Gate()
 
     async def main():
-        b = Batcher(gate, BatchingPolicy(max_batch_size=8))
-        b.start()
-        running = asyncio.create_task(b.submit(ids(0, 1)))
-        await gate.wait_entered()
+        b, running = await held(gate, BatchingPolicy(max_batch_size=8))
         doomed = asyncio.create_task(b.submit(ids(1, 2), deadline=time.monotonic() + 0.05))
         keeper = asyncio.create_task(b.submit(ids(3, 1), deadline=time.monotonic() + WAIT))
         with pytest.raises(DeadlineExpiredError, match="2 of 2 images never ran"):
@@ -350,10 +346,7 @@ def test_cancelled_caller_is_removed_and_never_runs():
     gate = Gate()
 
     async def main():
-        b = Batcher(gate, BatchingPolicy(max_batch_size=8))
-        b.start()
-        running = asyncio.create_task(b.submit(ids(0, 1)))
-        await gate.wait_entered()
+        b, running = await held(gate, BatchingPolicy(max_batch_size=8))
         victim = asyncio.create_task(b.submit(ids(1, 3)))
         other = asyncio.create_task(b.submit(ids(4, 1)))
         await until_queued(b, 4)
@@ -381,10 +374,7 @@ def test_cancelled_caller_with_a_deadline_is_released_at_once_not_at_its_deadlin
     refs: list[weakref.ref] = []
 
     async def main():
-        b = Batcher(gate, BatchingPolicy(max_batch_size=8))
-        b.start()
-        running = asyncio.create_task(b.submit(ids(0, 1)))
-        await gate.wait_entered()
+        b, running = await held(gate, BatchingPolicy(max_batch_size=8))
         x = ids(1, 3)
         refs.append(weakref.ref(x))
         victim = asyncio.create_task(b.submit(x, deadline=time.monotonic() + 3600))
@@ -451,10 +441,7 @@ def test_preferred_batch_sizes_cut_the_queue():
     gate = Gate()
 
     async def main():
-        b = Batcher(gate, BatchingPolicy(max_batch_size=8, preferred_batch_sizes=(2, 4)))
-        b.start()
-        running = asyncio.create_task(b.submit(ids(0, 1)))
-        await gate.wait_entered()
+        b, running = await held(gate, BatchingPolicy(max_batch_size=8, preferred_batch_sizes=(2, 4)))
         tasks = [asyncio.create_task(b.submit(ids(i, 1))) for i in range(1, 8)]
         await until_queued(b, 7)
         gate.open()
@@ -488,10 +475,7 @@ def test_batching_off_runs_each_request_alone_and_whole():
     gate = Gate()
 
     async def main():
-        b = Batcher(gate, BatchingPolicy(max_batch_size=4, enabled=False))
-        b.start()
-        running = asyncio.create_task(b.submit(ids(0, 1)))
-        await gate.wait_entered()
+        b, running = await held(gate, BatchingPolicy(max_batch_size=4, enabled=False))
         tasks = [asyncio.create_task(b.submit(ids(1, 2))), asyncio.create_task(b.submit(ids(3, 1)))]
         await until_queued(b, 3)
         gate.open()
@@ -527,10 +511,7 @@ def test_stop_drains_then_refuses_and_grace_zero_drops_the_queue():
     gate = Gate()
 
     async def main():
-        b = Batcher(gate, BatchingPolicy(max_batch_size=8))
-        b.start()
-        running = asyncio.create_task(b.submit(ids(0, 1)))
-        await gate.wait_entered()
+        b, running = await held(gate, BatchingPolicy(max_batch_size=8))
         queued = asyncio.create_task(b.submit(ids(1, 1)))
         await until_queued(b, 1)
         stopping = asyncio.create_task(b.stop(grace=0))
