@@ -11,7 +11,10 @@ stops the run.
 Every server stays up for the whole run and rounds interleave them (order reversed every other round), so
 load from elsewhere on a shared box hits all alike; medians over rounds are printed: req/s, img/s, p50/p99
 (from h2load's per-request log), the server's CPU per request (user + system of its whole process tree,
-from /proc) and the ratio to the reference server measured in the same round.
+from /proc) and the ratio to the reference server measured in the same round. Each round also says how
+many cores the server, h2load and the whole machine kept busy, so a server held back by a full machine
+(or by its own single thread) is told apart from a slow one; the run ends with the share of CPU time
+the hypervisor took (steal).
 
     python -m benchmarks.h2load                                  # convserve vs plain/inline/2-process/empty
     python -m benchmarks.h2load --convserve "w1=--workers 1" --convserve "w2=--workers 2" -C 32,128
@@ -25,6 +28,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import subprocess
@@ -78,6 +82,9 @@ class Sample:
     cpu_us_per_request: float
     requests: int
     loadavg: float
+    server_cores: float  # the server's process tree: CPU seconds per second of the measured run
+    client_cores: float  # h2load itself, the same way: a load generator near a core is the bottleneck
+    box_busy_cores: float  # every process on the machine (/proc/stat, steal and idle excluded)
 
 
 def frame(message: bytes) -> bytes:
@@ -130,6 +137,15 @@ def tree_cpu_seconds(pid: int) -> float:
     return sum(times.get(p, 0.0) for p in tree)
 
 
+def cpu_ticks() -> tuple[int, int, int]:
+    """The machine's CPU ticks so far from /proc/stat: (busy, steal, total). Busy is user, nice, system,
+    irq and softirq time; steal is what the hypervisor took; total adds idle and iowait."""
+    fields = Path("/proc/stat").read_text().split()[1:9]
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, fields)
+    busy = user + nice + system + irq + softirq
+    return busy, steal, busy + steal + idle + iowait
+
+
 def h2load_command(h2load: str, port: int, body: Path, concurrency: int, connections: int,
                    duration: float, log_file: Path | None, requests: int = 0) -> list[str]:
     """h2load keeping ``concurrency`` calls in flight over ``min(concurrency, connections)`` connections,
@@ -170,10 +186,17 @@ def measure(h2load: str, target: Target, body: Path, batch: int, concurrency: in
     log_file = work / f"h2load-{time.monotonic_ns()}.log"
     before = finished(target)
     cpu0 = tree_cpu_seconds(target.server.pid)
+    client0 = resource.getrusage(resource.RUSAGE_CHILDREN)  # finished children only: h2load once it ends
+    busy0, _, total0 = cpu_ticks()
+    t0 = time.monotonic()
     run = subprocess.run(h2load_command(h2load, port, body, concurrency, connections, duration, log_file,
                                         requests),
                          capture_output=True, text=True, timeout=duration + 60 if not requests else 3600)
+    wall = time.monotonic() - t0
     cpu = tree_cpu_seconds(target.server.pid) - cpu0
+    client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy1, _, total1 = cpu_ticks()
+    client = client1.ru_utime + client1.ru_stime - client0.ru_utime - client0.ru_stime
     ok, cancelled, failed = (a - b for a, b in zip(finished(target), before, strict=True))
     counts = _SUCCEEDED.search(run.stdout)
     if run.returncode != 0 or counts is None:
@@ -201,6 +224,9 @@ def measure(h2load: str, target: Target, body: Path, batch: int, concurrency: in
         cpu_us_per_request=1e6 * cpu / max(1, ok),
         requests=ok,
         loadavg=os.getloadavg()[0],
+        server_cores=cpu / wall,
+        client_cores=client / wall,
+        box_busy_cores=(os.cpu_count() or 1) * (busy1 - busy0) / max(1, total1 - total0),
     )
 
 
@@ -227,13 +253,15 @@ def start_baseline(name: str, model_file: Path, work: Path):
 def report(results: dict[tuple[str, int], list[Sample]], names: list[str], conc: list[int],
            reference: str) -> str:
     """The median table; ``x ref`` is the median over rounds of req/s over the reference's same round."""
-    lines = [f"| server | C | req/s | img/s | p50 ms | p99 ms | server CPU µs/req | x {reference} | load |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| server | C | req/s | img/s | p50 ms | p99 ms | server CPU µs/req | x {reference} | "
+             "server cores | h2load cores | box busy | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in conc:
         for name in names:
             rs = results[(name, c)]
             med = {k: float(np.median([getattr(r, k) for r in rs])) for k in
-                   ("requests_per_s", "images_per_s", "p50_ms", "p99_ms", "cpu_us_per_request", "loadavg")}
+                   ("requests_per_s", "images_per_s", "p50_ms", "p99_ms", "cpu_us_per_request", "loadavg",
+                    "server_cores", "client_cores", "box_busy_cores")}
             ratio = "–"
             if (reference, c) in results and name != reference:
                 ref = results[(reference, c)]
@@ -241,7 +269,8 @@ def report(results: dict[tuple[str, int], list[Sample]], names: list[str], conc:
                 ratio = f"{x:.2f}"
             lines.append(f"| {name} | {c} | {med['requests_per_s']:,.0f} | {med['images_per_s']:,.0f} | "
                          f"{med['p50_ms']:.2f} | {med['p99_ms']:.2f} | {med['cpu_us_per_request']:,.0f} | "
-                         f"{ratio} | {med['loadavg']:.1f} |")
+                         f"{ratio} | {med['server_cores']:.2f} | {med['client_cores']:.2f} | "
+                         f"{med['box_busy_cores']:.2f} | {med['loadavg']:.1f} |")
     return "\n".join(lines)
 
 
@@ -299,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_config(repository / model).input
     shape = tuple(spec.shape)
     results: dict[tuple[str, int], list[Sample]] = {}
+    ticks0 = cpu_ticks()
     with tempfile.TemporaryDirectory(prefix="convserve-h2load-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         body = work / "request.bin"
@@ -316,11 +346,15 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"round {rnd + 1} C={c:<3} {t.name:<14} {s.requests_per_s:8,.1f} req/s "
                           f"{s.images_per_s:8,.1f} img/s "
                           f"p50 {s.p50_ms:6.2f} p99 {s.p99_ms:6.2f} ms  "
-                          f"cpu {s.cpu_us_per_request:5.0f} µs/req  load {s.loadavg:.1f}", flush=True)
+                          f"cpu {s.cpu_us_per_request:5.0f} µs/req  cores: server {s.server_cores:.2f} "
+                          f"h2load {s.client_cores:.2f} box {s.box_busy_cores:.2f}  load {s.loadavg:.1f}",
+                          flush=True)
+    ticks1 = cpu_ticks()
     print(f"\nmedians over {a.rounds} rounds: {a.model}, v2 ModelInfer, {a.batch} image(s) per request, "
           f"h2load over at most {a.connections} connections, "
           f"{f'{a.requests} calls' if a.requests else f'{a.duration:g} s'} per server per round; "
-          f"load average at end {' / '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
+          f"load average at end {' / '.join(f'{x:.2f}' for x in os.getloadavg())}; the hypervisor took "
+          f"{100 * (ticks1[1] - ticks0[1]) / max(1, ticks1[2] - ticks0[2]):.1f} % of the CPU time (steal)\n")
     print(report(results, names, conc, a.reference))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"argv": sys.argv, "rounds": {f"{n} C={c}": [asdict(s) for s in rs]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -76,6 +77,17 @@ def test_a_round_counts_what_the_server_counted(
     assert s.requests > 0 and ok >= s.requests, (s, ok)  # the warm-up's calls count on the server too
     assert 0 < s.p50_ms <= s.p99_ms and s.cpu_us_per_request > 0
     assert s.requests_per_s == pytest.approx(s.requests / 1.0, rel=0.25)
+
+
+def test_a_round_says_how_many_cores_the_server_the_client_and_the_machine_kept_busy(
+    h2load: str, convserve: Target, tmp_path: Path
+) -> None:
+    """Cores busy per second of the measured run: the server's tree (its CPU per request times its rate),
+    h2load's own, and the whole machine's, which holds both of them and no more than the machine has."""
+    s = measure(h2load, convserve, body(tmp_path), 1, 8, 2, 0.2, 1.5, tmp_path)
+    assert s.server_cores == pytest.approx(s.cpu_us_per_request * s.requests / 1e6 / 1.5, rel=0.3)
+    assert 0 < s.client_cores < s.server_cores  # h2load costs far less than the server it drives
+    assert 0.8 * (s.server_cores + s.client_cores) <= s.box_busy_cores <= os.cpu_count()
 
 
 def test_a_round_of_grpc_errors_is_refused(h2load: str, convserve: Target, tmp_path: Path) -> None:
