@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -250,6 +250,9 @@ def start_baseline(name: str, model_file: Path, work: Path):
         yield Target(name, server, f"http://127.0.0.1:{port}/metrics", "baseline_requests")
 
 
+_FIGURES = tuple(f.name for f in fields(Sample))
+
+
 def report(results: dict[tuple[str, int], list[Sample]], names: list[str], conc: list[int],
            reference: str) -> str:
     """The median table; ``x ref`` is the median over rounds of req/s over the reference's same round."""
@@ -259,9 +262,7 @@ def report(results: dict[tuple[str, int], list[Sample]], names: list[str], conc:
     for c in conc:
         for name in names:
             rs = results[(name, c)]
-            med = {k: float(np.median([getattr(r, k) for r in rs])) for k in
-                   ("requests_per_s", "images_per_s", "p50_ms", "p99_ms", "cpu_us_per_request", "loadavg",
-                    "server_cores", "client_cores", "box_busy_cores")}
+            med = {k: float(np.median([getattr(r, k) for r in rs])) for k in _FIGURES}
             ratio = "–"
             if (reference, c) in results and name != reference:
                 ref = results[(reference, c)]
